@@ -1,14 +1,30 @@
 """Pixel classifiers that sit on the decoder's features (stride 8).
 
 `StandardClassifier` is the official SegNeXt `conv_seg` (Dropout2d + 1x1 conv, one softmax).
+`IntegratedClassifier` is our extension (shared/spec/integrated-classifier.md): K binary
+"general" classifiers, a multinomial "refinement" classifier that decides among the general
+classifier's top-k candidates, and their normalised product.
+
 Every classifier returns a dict of tensors at the feature resolution; `"logits"` is always
-present and its argmax over dim 1 is the prediction.
+present and its argmax over dim 1 is the prediction. `resize_logits(outputs, size)` gives the
+logits at another resolution (the input's, in eval mode) the way the loss sees them in training.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+# Logit given to classes outside the refinement's candidate set. Finite on purpose: -inf turns
+# into NaN under bilinear resizing (0 * -inf) and in fp16; exp(-1e4) is exactly 0 in fp32.
+MASKED_LOGIT = -1e4
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
 class StandardClassifier(nn.Module):
@@ -24,8 +40,104 @@ class StandardClassifier(nn.Module):
     def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"logits": self.conv_seg(self.dropout(features))}
 
+    def resize_logits(
+        self, outputs: dict[str, torch.Tensor], size: tuple[int, int]
+    ) -> torch.Tensor:
+        """Official behaviour: bilinear (align_corners=False) resize of the logits."""
+        return _resize(outputs["logits"], size)
 
-CLASSIFIERS: dict[str, type[nn.Module]] = {"standard": StandardClassifier}
+
+def candidate_mask(general_logits: torch.Tensor, top_k: int | None) -> torch.Tensor | None:
+    """Bool mask (B,K,...) of each pixel's top-k classes by general logit; None = all classes."""
+    num_classes = general_logits.shape[1]
+    if not top_k or top_k >= num_classes:
+        return None
+    index = general_logits.topk(top_k, dim=1).indices
+    return torch.zeros_like(general_logits, dtype=torch.bool).scatter_(1, index, True)
+
+
+def integrate(
+    general_logits: torch.Tensor, refine_logits: torch.Tensor, top_k: int | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log of P(c) ∝ sigmoid(g_c) * softmax_{top-k}(r)_c, normalised over c.
+
+    Pointwise in space, so callers may resize `g` and `r` first and integrate at any resolution.
+    Returns (log integrated probabilities, candidate mask or None). Classes outside the
+    candidate set get log-probabilities near MASKED_LOGIT (probability 0, finite).
+    """
+    candidates = candidate_mask(general_logits, top_k)
+    if candidates is not None:
+        refine_logits = refine_logits.masked_fill(~candidates, MASKED_LOGIT)
+    log_p_ref = F.log_softmax(refine_logits, dim=1)
+    log_probs = F.log_softmax(F.logsigmoid(general_logits) + log_p_ref, dim=1)
+    return log_probs, candidates
+
+
+class IntegratedClassifier(nn.Module):
+    """General (K sigmoids) + refinement (softmax over the top-k candidates) classifier.
+
+    Outputs at feature resolution: "logits" = log integrated probabilities, "general_logits" = g,
+    "refine_logits" = the refinement's raw logits r, *unmasked*: the top-k restriction is applied
+    by `integrate`, which is pointwise and so can be re-applied after resizing (masked logits do
+    not survive bilinear resizing: masked and unmasked neighbours blend into huge losses).
+
+    Args:
+        refine_channels: hidden width of the refinement block (1x1 conv, ReLU, 1x1 conv).
+        top_k: candidates per pixel the refinement decides among (default 3, the spec's k for
+            the variance term; None or 0 = all classes). The loss must use the same value.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        dropout: float = 0.1,
+        refine_channels: int = 64,
+        top_k: int | None = 3,
+    ) -> None:
+        super().__init__()
+        if top_k is not None and top_k < 0:
+            raise ValueError(f"top_k must be None, 0 (all classes) or positive, got {top_k}")
+        self.top_k = top_k
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.general = nn.Conv2d(in_channels, num_classes, kernel_size=1)
+        self.refine_hidden = nn.Conv2d(in_channels + num_classes, refine_channels, kernel_size=1)
+        self.refine_out = nn.Conv2d(refine_channels, num_classes, kernel_size=1)
+        for conv in (self.general, self.refine_out):
+            nn.init.normal_(conv.weight, mean=0.0, std=0.01)
+            nn.init.zeros_(conv.bias)
+        nn.init.kaiming_normal_(self.refine_hidden.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(self.refine_hidden.bias)
+
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.dropout(features)
+        general_logits = self.general(features)
+        hidden = F.relu(self.refine_hidden(torch.cat([features, general_logits.sigmoid()], 1)))
+        refine_logits = self.refine_out(hidden)
+        log_probs, _ = integrate(general_logits, refine_logits, self.top_k)
+        return {
+            "logits": log_probs,
+            "general_logits": general_logits,
+            "refine_logits": refine_logits,
+        }
+
+    def resize_logits(
+        self, outputs: dict[str, torch.Tensor], size: tuple[int, int]
+    ) -> torch.Tensor:
+        """Log integrated probabilities at `size`: resize g and r, then integrate.
+
+        Resizing the integrated log-probs instead would blend masked (MASKED_LOGIT) and
+        unmasked neighbours, snapping boundaries to the nearest feature pixel, and would not
+        match what the loss trains.
+        """
+        general, refine = outputs["general_logits"], outputs["refine_logits"]
+        return integrate(_resize(general, size), _resize(refine, size), self.top_k)[0]
+
+
+CLASSIFIERS: dict[str, type[nn.Module]] = {
+    "standard": StandardClassifier,
+    "integrated": IntegratedClassifier,
+}
 
 
 def build_classifier(
