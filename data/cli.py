@@ -1,0 +1,159 @@
+"""`segnext shards`: turn a dataset folder into WebDataset shards, or verify written shards.
+
+segnext shards camvid --root ../shared/datasets/camvid --out shards/camvid --workers 2
+segnext shards verify shards/camvid
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from data.sources import ADE20K, VOC, CamVid, Cityscapes, DataError, Folder, Source, Synthetic
+
+MAX_LISTED = 20  # skipped samples / problems printed in full
+BYTE_UNITS = {"k": 10**3, "m": 10**6, "g": 10**9}
+
+
+def _add_root(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--root", required=True, help="dataset folder (see the layout above)")
+
+
+def _add_folder(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--images", required=True, help="folder of images")
+    parser.add_argument("--masks", required=True, help="folder of 8-bit id masks, same stems")
+    parser.add_argument("--classes", required=True, help="text file, one class name per line")
+    parser.add_argument("--ignore-index", type=int, help="the dataset's ignore id (-> 255)")
+    parser.add_argument("--label-map", help='JSON file {"src_id": dst_id} applied to mask ids')
+    parser.add_argument("--split", default="train", help="split name for these samples")
+
+
+def _add_synthetic(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--num-train", type=int, default=512)
+    parser.add_argument("--num-val", type=int, default=64)
+    parser.add_argument("--size", type=int, nargs=2, default=(128, 128), metavar=("H", "W"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-classes", type=int, default=7, help="6..8")
+
+
+def _folder(args: argparse.Namespace) -> Source:
+    return Folder.from_files(
+        args.images,
+        args.masks,
+        args.classes,
+        ignore_index=args.ignore_index,
+        label_map_file=args.label_map,
+        split=args.split,
+    )
+
+
+def _synthetic(args: argparse.Namespace) -> Source:
+    return Synthetic(
+        num_train=args.num_train,
+        num_val=args.num_val,
+        size=tuple(args.size),
+        seed=args.seed,
+        num_classes=args.num_classes,
+    )
+
+
+# name -> (help, add source arguments, build the source from parsed arguments)
+SOURCES: dict[str, tuple[str, Callable, Callable[[argparse.Namespace], Source]]] = {
+    "folder": ("images + masks folders paired by file stem", _add_folder, _folder),
+    "camvid": ("CamVid, SegNet layout (train/ trainannot/ ...)", _add_root,
+               lambda args: CamVid(args.root)),
+    "ade20k": ("ADE20K ADEChallengeData2016 (150 classes)", _add_root,
+               lambda args: ADE20K(args.root)),
+    "cityscapes": ("Cityscapes leftImg8bit/ + gtFine/ (19 classes)", _add_root,
+                   lambda args: Cityscapes(args.root)),
+    "voc": ("PASCAL VOC 2012 (21 classes)", _add_root, lambda args: VOC(args.root)),
+    "synthetic": ("generated shapes scenes for quick end-to-end checks", _add_synthetic,
+                  _synthetic),
+}  # fmt: skip
+
+
+def _byte_size(text: str) -> int:
+    """'268435456', '256M', '1G' -> bytes."""
+    unit = BYTE_UNITS.get(text[-1:].lower(), 1)
+    number = text[:-1] if unit > 1 else text
+    try:
+        return int(float(number) * unit)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 256M)") from None
+
+
+def _write_options() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--out", required=True, help="output folder for shards + dataset.json")
+    parser.add_argument("--splits", help="comma-separated splits (default: the source's usual)")
+    parser.add_argument("--workers", type=int, default=1, help="parallel processes")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--shard-size", type=int, default=256, help="samples per shard")
+    size.add_argument("--shard-bytes", type=_byte_size, help="target shard size, e.g. 256M")
+    parser.add_argument("--lossless", action="store_true", help="store images as PNG")
+    parser.add_argument("--jpeg-quality", type=int, default=95)
+    parser.add_argument("--on-error", choices=("raise", "skip"), default="raise",
+                        help="bad samples: stop (default) or leave them out and list them")  # fmt: skip
+    parser.add_argument("--limit", type=int, help="first N samples per split (for tests)")
+    return parser
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `segnext shards <source> ...` and `segnext shards verify OUT`."""
+    parser = subparsers.add_parser(
+        "shards", help="build or verify WebDataset shards", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    commands = parser.add_subparsers(dest="shards_command", required=True)
+    common = _write_options()
+    for name, (help_text, add_arguments, build) in SOURCES.items():
+        command = commands.add_parser(name, parents=[common], help=help_text)
+        add_arguments(command)
+        command.set_defaults(func=_write, build_source=build)
+    verify = commands.add_parser(
+        "verify", help="re-read shards and check them against dataset.json"
+    )
+    verify.add_argument("out", help="shard folder or s3:// / gs:// URI")
+    verify.add_argument("--max-problems", type=int, default=MAX_LISTED)
+    verify.set_defaults(func=_verify)
+
+
+def _write(args: argparse.Namespace) -> int:
+    from data.shards import write_shards
+
+    try:
+        summary = write_shards(
+            args.build_source(args),
+            args.out,
+            splits=[s.strip() for s in args.splits.split(",")] if args.splits else None,
+            shard_size=args.shard_size,
+            shard_bytes=args.shard_bytes,
+            image_format="png" if args.lossless else "jpg",
+            jpeg_quality=args.jpeg_quality,
+            on_error=args.on_error,
+            workers=args.workers,
+            limit=args.limit,
+            progress=True,
+        )
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    for item in summary.skipped[:MAX_LISTED]:
+        print(f"skipped: {item['reason']}", file=sys.stderr)
+    print(summary.line())
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from data.shards import verify
+
+    try:
+        report = verify(args.out, max_problems=args.max_problems, progress=True)
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    for problem in report.problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    print(report.line())
+    return 0 if report.ok else 1

@@ -1,0 +1,227 @@
+"""What every dataset source provides to the shard writer.
+
+A source knows a dataset's on-disk layout: it lists `Sample`s (key + image path + mask path)
+per split, names the classes and their palette, and maps the dataset's raw mask ids to training
+ids (0..K-1, 255 = ignore) through a 256-entry lookup table. `Source.load` decodes one sample
+and validates it, raising `SampleError` with the file, the problem and the fix, so that the
+writer can stop or skip before anything reaches a shard.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IGNORE_INDEX = 255
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+SKIP_HINT = "or pass --on-error skip to leave this sample out"
+
+Palette = tuple[tuple[int, int, int], ...]
+
+
+class DataError(Exception):
+    """Bad input data or arguments; the message names the file and the fix."""
+
+
+class SourceError(DataError):
+    """A dataset folder or argument that cannot be read as the named layout."""
+
+
+class SampleError(DataError):
+    """One bad image/mask pair (`--on-error skip` leaves these out)."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image/mask pair: `key` is unique within its split and safe as a webdataset key.
+
+    `image` and `mask` are file paths; sources that render their samples (synthetic) put a
+    descriptive id there instead and override `Source.load`.
+    """
+
+    key: str
+    image: str
+    mask: str
+
+
+@dataclass(frozen=True)
+class LoadedSample:
+    """A decoded, validated sample: RGB image, training-id mask, and the original PNG bytes
+    when the source file already is an RGB PNG (so lossless shards can keep it unchanged)."""
+
+    image: Image.Image
+    mask: np.ndarray
+    rgb_png: bytes | None = None
+
+
+class Source(ABC):
+    """A dataset layout. Subclasses are picklable (they travel to writer processes)."""
+
+    name: str
+
+    @property
+    @abstractmethod
+    def classes(self) -> tuple[str, ...]:
+        """Class names; the index is the training id."""
+
+    @property
+    @abstractmethod
+    def palette(self) -> Palette:
+        """One RGB colour per class, for pictures."""
+
+    @property
+    @abstractmethod
+    def default_splits(self) -> tuple[str, ...]:
+        """Splits written when the user names none."""
+
+    @abstractmethod
+    def samples(self, split: str) -> list[Sample]:
+        """Samples of `split`, sorted by key; raises SourceError for an unknown split."""
+
+    @property
+    def label_lut(self) -> np.ndarray:
+        """Raw mask id -> training id (uint8, 256 entries). Identity unless overridden."""
+        return np.arange(256, dtype=np.uint8)
+
+    def load(self, sample: Sample) -> LoadedSample:
+        """Decode and validate one sample; raises SampleError naming the file and the fix."""
+        image, rgb_png = read_image(sample.image)
+        raw = read_mask(sample.mask, sample.image)
+        if raw.shape != (image.height, image.width):
+            raise SampleError(
+                f"{sample.mask}: mask is {raw.shape[1]}x{raw.shape[0]} but its image "
+                f"{sample.image} is {image.width}x{image.height} (width x height). Fix: export "
+                f"the mask at the image's size, {SKIP_HINT}."
+            )
+        mask = self.label_lut[raw]
+        check_label_range(mask, raw, len(self.classes), sample.mask)
+        return LoadedSample(image=image, mask=mask, rgb_png=rgb_png)
+
+
+def read_image(path: str) -> tuple[Image.Image, bytes | None]:
+    """Fully decode an image file to RGB; also return its bytes if it already is an RGB PNG."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise SampleError(
+            f"{path}: image file does not exist. Fix: restore the file or remove it from the "
+            f"split list, {SKIP_HINT}."
+        ) from None
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            opened.load()
+            is_rgb_png = opened.format == "PNG" and opened.mode == "RGB"
+            image = opened if opened.mode == "RGB" else opened.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise SampleError(
+            f"{path}: cannot decode image ({error}). Fix: re-export or replace the file, "
+            f"{SKIP_HINT}."
+        ) from None
+    return image, (data if is_rgb_png else None)
+
+
+def read_mask(path: str, image_path: str) -> np.ndarray:
+    """Read an 8-bit label image as its stored ids (palette PNGs: the indices, not colours)."""
+    if not Path(path).is_file():
+        raise SampleError(
+            f"{image_path}: its mask {path} does not exist. Fix: add the mask file, {SKIP_HINT}."
+        )
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            mode = opened.mode
+            ids = np.asarray(opened) if mode in ("L", "P") else None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise SampleError(
+            f"{path}: cannot decode mask ({error}). Fix: re-export the mask as an 8-bit PNG, "
+            f"{SKIP_HINT}."
+        ) from None
+    if ids is None:
+        raise SampleError(
+            f"{path}: mask has image mode {mode}; expected 8-bit class ids (mode L or P). "
+            f"Fix: convert colour masks to one id per pixel (e.g. with a palette lookup), "
+            f"{SKIP_HINT}."
+        )
+    return ids
+
+
+def check_label_range(mask: np.ndarray, raw: np.ndarray, num_classes: int, path: str) -> None:
+    """Raise SampleError if a mapped id is neither a class (0..K-1) nor IGNORE_INDEX."""
+    bad = (mask >= num_classes) & (mask != IGNORE_INDEX)
+    if bad.any():
+        raw_ids = sorted(int(v) for v in np.unique(raw[bad]))
+        raise SampleError(
+            f"{path}: mask has label ids {raw_ids[:10]} that map outside the "
+            f"{num_classes} classes (0..{num_classes - 1}, {IGNORE_INDEX} = ignore). Fix: "
+            f"check the dataset type and class list, map them with --label-map or "
+            f"--ignore-index, {SKIP_HINT}."
+        )
+
+
+def label_lut(mapping: Mapping[int, int]) -> np.ndarray:
+    """Identity lookup table with `mapping` applied (ids not mentioned keep their value, so
+    unexpected ids are caught by the range check instead of silently becoming a class)."""
+    lut = np.arange(256, dtype=np.uint8)
+    for source_id, target_id in mapping.items():
+        lut[source_id] = target_id
+    return lut
+
+
+def sanitize_key(text: str) -> str:
+    """A webdataset-safe key: anything but letters, digits, '_' and '-' becomes '_'
+    (a dot would split the key, a slash would make a folder)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", text)
+
+
+def make_samples(pairs: Iterable[tuple[str, Path, Path]], where: str) -> list[Sample]:
+    """Samples from (raw key, image path, mask path), sorted by key; duplicate keys after
+    sanitising are an error naming both files."""
+    by_key: dict[str, Sample] = {}
+    for raw_key, image, mask in pairs:
+        key = sanitize_key(raw_key)
+        if key in by_key:
+            raise SourceError(
+                f"{where}: {by_key[key].image} and {image} both give the sample key '{key}'. "
+                f"Fix: rename one of them so the names differ in more than punctuation."
+            )
+        by_key[key] = Sample(key=key, image=str(image), mask=str(mask))
+    return [by_key[key] for key in sorted(by_key)]
+
+
+def bit_palette(num_classes: int) -> Palette:
+    """The PASCAL VOC colour map (bits of the class id spread over R, G, B), any length."""
+    colours = []
+    for class_id in range(num_classes):
+        r = g = b = 0
+        value = class_id
+        for shift in range(7, -1, -1):
+            r |= (value & 1) << shift
+            g |= ((value >> 1) & 1) << shift
+            b |= ((value >> 2) & 1) << shift
+            value >>= 3
+        colours.append((r, g, b))
+    return tuple(colours)
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly inside `folder`, sorted; a missing folder is a SourceError."""
+    if not folder.is_dir():
+        raise SourceError(f"{folder}: folder does not exist. Fix: check the dataset root path.")
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def require_split(split: str, available: Iterable[str], where: str) -> None:
+    """Raise SourceError if `split` is not one of `available`."""
+    available = tuple(available)
+    if split not in available:
+        raise SourceError(
+            f"{where}: no split '{split}' (available: {', '.join(available) or 'none'}). "
+            f"Fix: pass --splits with some of the available ones."
+        )
