@@ -1,0 +1,260 @@
+"""Training throughput: the full Ray pipeline against the same model fed from memory.
+
+Side by side in one invocation, same model (SegNeXt-T, integrated classifier by default), same
+loss, optimizer and per-step batch, same synthetic data:
+
+- memory: one process, pre-decoded normalised tensors already in RAM, torch using every core
+  (the ceiling of the model itself on this machine) and using one thread (per-core efficiency);
+- ray-N: `segnext train`'s own path (Ray Data shards -> decode -> augment -> Ray Train DDP over N
+  CPU workers, MLflow logging included), read back from the run's `perf/images_per_s` after
+  the first logging window (start-up excluded).
+
+Wall-clock images/s plus CPU-seconds per image over this process and all its descendants (Ray's
+raylet, workers and tasks included, sampled from /proc), which stays meaningful on a machine
+shared with other jobs.
+
+    .venv/bin/python bench/train_throughput.py                    # 2 cores: a few minutes
+    .venv/bin/python bench/train_throughput.py --workers 1 2 4 --iterations 60 --crop 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from data.sources import Synthetic  # noqa: E402
+from data.transforms import MEAN, STD  # noqa: E402
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _process_table() -> dict[int, tuple[int, int, float]]:
+    """pid -> (parent pid, start tick, CPU seconds incl. reaped children) from /proc."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        cpu = sum(int(value) for value in fields[11:15]) / CLOCK_TICKS
+        table[int(entry)] = (int(fields[1]), int(fields[19]), cpu)
+    return table
+
+
+class CpuMeter:
+    """CPU seconds used by this process and all its descendants between start() and stop().
+
+    A thread samples /proc every 0.2 s, so processes that start and exit in between (Ray
+    workers, tasks) are counted up to their last sample; processes alive at start() count only
+    what they use afterwards.
+    """
+
+    def __init__(self) -> None:
+        self.first: dict[tuple[int, int], float] = {}
+        self.last: dict[tuple[int, int], float] = {}
+        self.members: set[int] = {os.getpid()}
+        self.running = False
+
+    def _sample(self) -> None:
+        table = self._members_table()
+        for pid in self.members & set(table):
+            _, start, cpu = table[pid]
+            self.last[(pid, start)] = cpu
+
+    def _members_table(self) -> dict[int, tuple[int, int, float]]:
+        table = _process_table()
+        changed = True
+        while changed:
+            found = {pid for pid, (parent, _, _) in table.items() if parent in self.members}
+            changed = not found <= self.members
+            self.members |= found
+        return table
+
+    def start(self) -> CpuMeter:
+        table = self._members_table()
+        self.first = {(pid, table[pid][1]): table[pid][2] for pid in self.members & set(table)}
+        self.last = dict(self.first)
+        self.running = True
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while self.running:
+            self._sample()
+            time.sleep(0.2)
+
+    def stop(self) -> float:
+        self.running = False
+        self.thread.join()
+        self._sample()
+        return sum(cpu - self.first.get(key, 0.0) for key, cpu in self.last.items())
+
+
+def base_overrides(args: argparse.Namespace, root: Path) -> list[str]:
+    return [
+        f"model.classifier={args.classifier}",
+        f"data.root={root / 'shards'}",
+        f"data.crop_size=[{args.crop}, {args.crop}]",
+        "data.ratio_range=[0.75, 1.5]",
+        f"data.stream_epochs={args.stream_epochs}",
+        f"schedule.iterations={args.iterations}",
+        "schedule.warmup_iters=1",
+        f"train.global_batch_size={args.batch}",
+        f"train.log_every={args.log_every}",
+        f"train.val_every={args.iterations}",
+        f"train.checkpoint_every={args.iterations}",
+        "train.max_failures=0",
+        "registry.register=false",
+        f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}",
+        "mlflow.experiment=bench-train-throughput",
+        f"run.storage_path={root / 'ray'}",
+    ]
+
+
+def run_memory(args: argparse.Namespace, cfg, threads: int) -> dict[str, float]:
+    """The model alone: random batches of in-RAM tensors, one process, `threads` threads."""
+    from pipelines.optim import build_optimizer
+    from pipelines.train_loop import build_model
+    from segnext import build_criterion
+
+    torch.set_num_threads(threads)
+    source = Synthetic(num_train=args.samples, num_val=0, size=(args.crop, args.crop))
+    images, masks = zip(*(source.render("train", i) for i in range(args.samples)), strict=True)
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
+    x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    y = torch.from_numpy(np.stack(masks)).long()
+    torch.manual_seed(0)
+    model = build_model(cfg, len(source.classes)).train()
+    criterion = build_criterion(cfg.model.classifier)
+    optimizer = build_optimizer(model, cfg.optim)
+    step_times = []
+    meter = CpuMeter()
+    wall_start = None
+    for step in range(args.iterations):
+        if step == args.log_every:  # same warm-up exclusion as the Ray runs
+            meter.start()
+            wall_start = time.perf_counter()
+        begin = time.perf_counter()
+        index = torch.randint(0, args.samples, (args.batch,))
+        loss, _ = criterion(model(x[index]), y[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step_times.append(time.perf_counter() - begin)
+    images = args.batch * (args.iterations - args.log_every)
+    return {
+        "images_per_s": images / (time.perf_counter() - wall_start),
+        "cpu_s_per_image": meter.stop() / images,
+        "step_s": statistics.median(step_times[args.log_every :]),
+        "total_s": time.perf_counter() - wall_start,
+    }
+
+
+def run_ray(args: argparse.Namespace, root: Path, workers: int) -> dict[str, float]:
+    """`run_training` as `segnext train` runs it; throughput from its own MLflow metrics."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.config import load_config
+    from pipelines.train import run_training
+
+    cpus = os.cpu_count() or 1
+    cfg = load_config(
+        REPO / "configs" / "demo.yaml",
+        [
+            *base_overrides(args, root),
+            f"ray.num_workers={workers}",
+            f"ray.cpus_per_worker={max(cpus - 1, 1) / workers:.3f}",  # leave a core to Ray Data
+        ],
+    )
+    meter = CpuMeter().start()
+    wall_before = time.perf_counter()
+    result = run_training(cfg, run_name=f"bench-{workers}w-{int(time.time())}",
+                          storage_path=str(root / "ray"))
+    wall = time.perf_counter() - wall_before
+    cpu = meter.stop()
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    history = sorted(client.get_metric_history(result.run_id, "perf/images_per_s"),
+                     key=lambda m: m.step)
+    steady = [m.value for m in history if m.step > args.log_every]
+    print(f"[bench]   {len(steady)} windows, {wall:.0f} s", flush=True)
+    steps = sorted(client.get_metric_history(result.run_id, "perf/step_time_s"),
+                   key=lambda m: m.step)
+    waits = client.get_metric_history(result.run_id, "perf/data_wait_fraction")
+    return {
+        "images_per_s": statistics.median(steady),
+        "cpu_s_per_image": cpu / (args.batch * args.iterations),  # whole run, start-up included
+        "step_s": statistics.median(m.value for m in steps if m.step > args.log_every),
+        "data_wait": statistics.median(m.value for m in waits if m.step > args.log_every),
+        "total_s": wall,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--classifier", default="integrated", choices=("standard", "integrated"))
+    parser.add_argument("--crop", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=16, help="global batch per step")
+    parser.add_argument("--iterations", type=int, default=40)
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--samples", type=int, default=256, help="synthetic train images")
+    parser.add_argument("--stream-epochs", type=int, default=4)
+    args = parser.parse_args()
+
+    import ray
+
+    from data.shards import write_shards
+    from pipelines.config import load_config
+    from pipelines.train import WORKER_ENV
+
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as folder:
+        root = Path(folder)
+        write_shards(Synthetic(num_train=args.samples, num_val=16, size=(args.crop, args.crop)),
+                     root / "shards")
+        cfg = load_config(REPO / "configs" / "demo.yaml", base_overrides(args, root))
+        cores = os.cpu_count() or 1
+        ceiling_name = f"memory, 1 process, {cores} threads"
+        results = {ceiling_name: run_memory(args, cfg, cores)}
+        if cores > 1:
+            results["memory, 1 process, 1 thread"] = run_memory(args, cfg, 1)
+        os.environ.update(WORKER_ENV)
+        ray.init(address="local", num_cpus=cores, logging_level="ERROR", log_to_driver=False,
+                 runtime_env={"env_vars": WORKER_ENV})
+        try:
+            for workers in args.workers:
+                print(f"[bench] Ray Data -> Ray Train with {workers} worker(s) ...", flush=True)
+                results[f"Ray Data -> Ray Train, {workers} worker(s)"] = run_ray(args, root, workers)
+        finally:
+            ray.shutdown()
+
+    ceiling = results[ceiling_name]["images_per_s"]
+    print(f"\nSegNeXt-T ({args.classifier}), crop {args.crop}x{args.crop}, batch {args.batch}, "
+          f"{args.iterations} iterations, {os.cpu_count()} CPUs, torch {torch.__version__}")
+    print("| pipeline | images/s | vs memory | step (s) | data wait | CPU-s / image | wall (s) |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        wait = f"{100 * r['data_wait']:.0f}%" if "data_wait" in r else "-"
+        print(f"| {name} | {r['images_per_s']:.1f} | {r['images_per_s'] / ceiling:.2f}x | "
+              f"{r['step_s']:.3f} | {wait} | {r['cpu_s_per_image']:.3f} | {r['total_s']:.0f} |")
+    print("Ray rows: images/s is the median of the run's perf/images_per_s windows after the "
+          "first; CPU-s / image and wall include Ray start-up, validation and checkpoints.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""Checkpoint files: one `checkpoint.pt` per Ray Train checkpoint folder.
+
+The payload is a plain dict of tensors and built-in types, so `torch.load(weights_only=True)`
+reads it without unpickling code. Writes go to a temporary file renamed into place, so a crash
+mid-write never leaves a truncated checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import segnext
+
+CHECKPOINT_FILE = "checkpoint.pt"
+FORMAT = "segnext-checkpoint/1"
+REQUIRED_KEYS = ("model", "iteration", "meta")
+
+
+class CheckpointError(ValueError):
+    """The file is missing, unreadable, or not a checkpoint written by this project."""
+
+
+def save_checkpoint(path_dir: str | Path, payload: dict[str, Any]) -> Path:
+    """Write `payload` to `path_dir/checkpoint.pt` atomically; returns the file path."""
+    path_dir = Path(path_dir)
+    path_dir.mkdir(parents=True, exist_ok=True)
+    target = path_dir / CHECKPOINT_FILE
+    fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp", dir=path_dir)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def resolve_checkpoint_file(path: str | Path) -> Path:
+    """Accept a checkpoint folder (Ray's `checkpoint_...` dir) or the `.pt` file itself."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_FILE
+    if not path.is_file():
+        raise CheckpointError(
+            f"no checkpoint at {path}; pass a Ray checkpoint folder holding {CHECKPOINT_FILE} "
+            "or the file itself"
+        )
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by `save_checkpoint` (weights only: no code is unpickled)."""
+    file = resolve_checkpoint_file(path)
+    try:
+        payload = torch.load(file, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError) as error:
+        raise CheckpointError(
+            f"{file} is not a SegNeXt checkpoint of this project (torch.load with "
+            f"weights_only=True failed: {str(error).splitlines()[0]}). Official SegNeXt weights "
+            "go through segnext's converter, not load_checkpoint."
+        ) from error
+    if not isinstance(payload, dict) or any(key not in payload for key in REQUIRED_KEYS):
+        raise CheckpointError(
+            f"{file} is a torch file but not a checkpoint of this project: it lacks the keys "
+            f"{', '.join(REQUIRED_KEYS)}"
+        )
+    found = payload["meta"].get("format") if isinstance(payload["meta"], dict) else None
+    if found != FORMAT:
+        raise CheckpointError(f"{file}: checkpoint format {found!r}, this code reads {FORMAT!r}")
+    return payload
+
+
+def build_meta(
+    *,
+    variant: str,
+    num_classes: int,
+    classifier: str,
+    classifier_kwargs: dict[str, Any],
+    nmf: dict[str, Any],
+    class_names: list[str],
+    palette: list[list[int]],
+    ignore_index: int,
+    mean: list[float],
+    std: list[float],
+    crop_size: list[int],
+) -> dict[str, Any]:
+    """Everything needed to rebuild the model and run it on new images, without the config."""
+    return {
+        "format": FORMAT,
+        "variant": variant,
+        "num_classes": int(num_classes),
+        "classifier": classifier,
+        "classifier_kwargs": dict(classifier_kwargs),
+        "nmf": dict(nmf),
+        "class_names": list(class_names),
+        "palette": [list(map(int, color)) for color in palette],
+        "ignore_index": int(ignore_index),
+        "mean": [float(v) for v in mean],
+        "std": [float(v) for v in std],
+        "crop_size": [int(v) for v in crop_size],
+    }
+
+
+def model_overrides(classifier_kwargs: dict[str, Any], nmf: dict[str, Any]) -> dict[str, Any]:
+    """The `create_model(**overrides)` keywords for a model config or checkpoint meta."""
+    overrides: dict[str, Any] = {}
+    if classifier_kwargs:
+        overrides["classifier_kwargs"] = dict(classifier_kwargs)
+    overrides.update({f"nmf_{key}": value for key, value in nmf.items()})
+    return overrides
+
+
+def model_from_checkpoint(payload: dict[str, Any]) -> segnext.SegNeXt:
+    """Rebuild the SegNeXt described by `payload["meta"]`, load its weights, eval mode."""
+    meta = payload["meta"]
+    model = segnext.create_model(
+        meta["variant"],
+        meta["num_classes"],
+        classifier=meta["classifier"],
+        **model_overrides(meta.get("classifier_kwargs", {}), meta.get("nmf", {})),
+    )
+    model.load_state_dict(payload["model"])
+    return model.eval()

@@ -1,0 +1,414 @@
+"""Experiment configuration: typed dataclasses loaded from YAML plus dotted `key=value` overrides.
+
+Every check that can fail happens here, in the driver, before Ray starts a single worker: an
+unknown key, a value of the wrong type or out of range, a batch size that does not split over
+the workers. Errors are `ConfigError`s that name the key, the file and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, mistyped or inconsistent; the message says how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    variant: str = "tiny"
+    num_classes: int | None = None  # None: taken from the shards' manifest
+    classifier: Literal["standard", "integrated"] = "standard"
+    classifier_kwargs: dict[str, Any] = field(default_factory=dict)
+    drop_path_rate: float | None = None  # None: the variant's default
+    nmf: dict[str, Any] = field(default_factory=dict)  # NMF options passed to create_model
+    pretrained: str | None = None  # official SegNeXt / MSCAN checkpoint to start from
+
+
+@dataclass
+class DataConfig:
+    root: str = ""  # shards folder or URI (s3://, gs://) holding dataset.json
+    train_split: str = "train"
+    val_split: str = "val"
+    crop_size: list[int] = field(default_factory=lambda: [512, 512])  # (height, width)
+    scale: list[int] | None = None  # (long, short) base scale before the random ratio
+    ratio_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    cat_max_ratio: float = 0.75
+    read_cpus: float = 0.25
+    on_error: Literal["raise", "skip"] = "raise"
+    val_size: list[int] | None = None  # (height, width) val images are padded to; None: crop
+    stream_epochs: int = 1  # training passes chained into one Ray Data stream (less start-up)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6e-5
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    decoder_lr_mult: float = 10.0
+
+
+@dataclass
+class ScheduleConfig:
+    iterations: int = 160_000
+    warmup_iters: int = 1500
+    warmup_ratio: float = 1e-6
+    power: float = 1.0
+
+
+@dataclass
+class LossConfig:
+    average: Literal["valid", "all"] = "valid"
+    weights: dict[str, float] = field(
+        default_factory=lambda: {"general": 1.0, "refine": 1.0, "variance": 0.1}
+    )
+    variance_top_k: int = 3
+
+
+@dataclass
+class TrainConfig:
+    global_batch_size: int = 16
+    per_worker_batch_size: int | None = None  # micro-batch; None: global / workers
+    amp: bool = True  # bf16 autocast, on GPU only
+    channels_last: bool = False
+    compile: bool = False
+    log_every: int = 50
+    val_every: int = 2000
+    checkpoint_every: int = 2000
+    keep_best: int = 3
+    seed: int = 0
+    max_failures: int = 0
+    time_budget_s: float | None = None
+    fail_at_iteration: int | None = None  # test hook: one injected worker crash at this step
+
+
+@dataclass
+class EvalConfig:
+    mode: Literal["whole", "slide"] = "whole"
+    crop: list[int] | None = None  # slide window (height, width)
+    stride: list[int] | None = None
+    batch_size: int = 2  # per worker
+
+
+@dataclass
+class RayConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    address: str | None = None  # None: join a running cluster if any, else start one
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI or sqlite under runs/
+    experiment: str = "segnext"
+
+
+@dataclass
+class RegistryConfig:
+    name: str = "segnext"
+    register: bool = True
+
+
+@dataclass
+class RunSection:
+    name: str | None = None  # None: <config stem>-<timestamp>
+    storage_path: str = "runs/ray"
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    run: RunSection = field(default_factory=RunSection)
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Images per worker per forward pass."""
+        return self.train.per_worker_batch_size or (
+            self.train.global_batch_size // self.ray.num_workers
+        )
+
+    @property
+    def grad_accumulation(self) -> int:
+        """Forward passes per optimizer step, so the global batch stays fixed for any worker count."""
+        return self.train.global_batch_size // (self.ray.num_workers * self.micro_batch_size)
+
+
+# ---------------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML config, apply `section.key=value` overrides, and validate the result."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass an existing YAML file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from error
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_dotted(raw, key, value)
+    return config_from_dict(raw, source=str(path))
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`optim.lr=1e-3` -> ("optim.lr", 0.001); the value is parsed as YAML (numbers, lists, null)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} is not of the form section.key=value")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({error})") from error
+    return key.strip(), value
+
+
+def with_overrides(cfg: ExperimentConfig, values: dict[str, Any]) -> ExperimentConfig:
+    """A validated copy of `cfg` with dotted keys replaced (used by search spaces)."""
+    raw = to_dict(cfg)
+    for key, value in values.items():
+        _set_dotted(raw, key, value)
+    return config_from_dict(raw, source="overrides")
+
+
+def config_from_dict(raw: dict[str, Any], *, source: str = "<dict>") -> ExperimentConfig:
+    """Build and validate an `ExperimentConfig` from nested plain data."""
+    cfg = _build(ExperimentConfig, raw, prefix="", source=source)
+    _validate(cfg, source)
+    return cfg
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, *, prefix: str, source: str) -> Any:
+    """Instantiate dataclass `cls` from `raw`, rejecting unknown keys and mistyped values."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [key for key in raw if key not in names]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), names, n=1)
+        hint = f"did you mean {prefix}{close[0]}?" if close else f"valid keys: {', '.join(names)}"
+        raise ConfigError(f"{source}: unknown config key {prefix}{key}; {hint}")
+    values = {}
+    defaults = cls()
+    for name in names:
+        if name not in raw:
+            continue
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, raw[name], prefix=f"{prefix}{name}.", source=source)
+            continue
+        value = _coerce(raw[name], hint, f"{prefix}{name}", source)
+        default = getattr(defaults, name)
+        if isinstance(default, dict) and isinstance(value, dict):
+            value = {**default, **value}  # `loss.weights.variance=0.5` keeps the other weights
+        values[name] = value
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    """Check `value` against the type hint, converting only lossless cases (int -> float)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError as error:
+                errors.append(error)
+        raise errors[0]
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(
+                f"{source}: {key} = {value!r} is not allowed; choose one of "
+                + ", ".join(repr(a) for a in args)
+            )
+        return value
+    if origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise _type_error(value, hint, key, source)
+        return [_coerce(item, args[0], f"{key}[{i}]", source) for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _type_error(value, hint, key, source)
+        return {str(k): _coerce(v, args[1], f"{key}.{k}", source) for k, v in value.items()}
+    if hint is Any:
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise _type_error(value, hint, key, source)
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _type_error(value, hint, key, source)
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads `6e-5` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise _type_error(value, hint, key, source) from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _type_error(value, hint, key, source)
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise _type_error(value, hint, key, source)
+        return value
+    raise TypeError(f"config field {key} has an unsupported type {hint}")
+
+
+def _type_error(value: Any, hint: Any, key: str, source: str) -> ConfigError:
+    name = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+    return ConfigError(
+        f"{source}: {key} = {value!r} has type {type(value).__name__}, expected {name}; "
+        f"fix it in the YAML or override it as {key}=<{name}>"
+    )
+
+
+def _validate(cfg: ExperimentConfig, source: str) -> None:
+    """Value checks that types alone cannot express."""
+
+    def require(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            raise ConfigError(f"{source}: {key} {message}")
+
+    require(bool(cfg.data.root), "data.root", "is empty; set it to a shards folder or URI")
+    require(len(cfg.data.crop_size) == 2, "data.crop_size", "must be [height, width]")
+    require(min(cfg.data.crop_size) > 0, "data.crop_size", "must be positive")
+    require(
+        cfg.data.scale is None or len(cfg.data.scale) == 2, "data.scale", "must be [long, short]"
+    )
+    require(
+        cfg.data.val_size is None or len(cfg.data.val_size) == 2,
+        "data.val_size",
+        "must be [height, width]",
+    )
+    require(
+        len(cfg.data.ratio_range) == 2 and 0 < cfg.data.ratio_range[0] <= cfg.data.ratio_range[1],
+        "data.ratio_range",
+        "must be [low, high] with 0 < low <= high",
+    )
+    require(cfg.data.stream_epochs >= 1, "data.stream_epochs", "must be >= 1")
+    require(cfg.data.read_cpus > 0, "data.read_cpus", "must be > 0 (Ray rejects 0-CPU reads)")
+    require(cfg.model.num_classes is None or cfg.model.num_classes > 1, "model.num_classes", "> 1")
+    require(
+        cfg.model.drop_path_rate is None or 0 <= cfg.model.drop_path_rate < 1,
+        "model.drop_path_rate",
+        "must be in [0, 1)",
+    )
+    require(cfg.optim.lr > 0, "optim.lr", "must be > 0")
+    require(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    require(len(cfg.optim.betas) == 2, "optim.betas", "must be [beta1, beta2]")
+    require(cfg.optim.decoder_lr_mult > 0, "optim.decoder_lr_mult", "must be > 0")
+    require(cfg.schedule.iterations > 0, "schedule.iterations", "must be > 0")
+    require(
+        0 <= cfg.schedule.warmup_iters < cfg.schedule.iterations,
+        "schedule.warmup_iters",
+        "must be in [0, schedule.iterations)",
+    )
+    require(0 < cfg.schedule.warmup_ratio <= 1, "schedule.warmup_ratio", "must be in (0, 1]")
+    unknown_weights = set(cfg.loss.weights) - {"general", "refine", "variance"}
+    require(not unknown_weights, "loss.weights", "keys must be general, refine, variance")
+    require(cfg.loss.variance_top_k >= 2, "loss.variance_top_k", "must be >= 2")
+    for key in ("log_every", "val_every", "checkpoint_every", "keep_best", "global_batch_size"):
+        require(getattr(cfg.train, key) > 0, f"train.{key}", "must be > 0")
+    require(cfg.train.max_failures >= -1, "train.max_failures", "must be >= -1 (-1: forever)")
+    require(cfg.ray.num_workers > 0, "ray.num_workers", "must be > 0")
+    require(cfg.ray.cpus_per_worker > 0, "ray.cpus_per_worker", "must be > 0")
+    per_step = cfg.ray.num_workers * cfg.micro_batch_size
+    require(
+        cfg.micro_batch_size > 0 and cfg.train.global_batch_size % per_step == 0,
+        "train.global_batch_size",
+        f"= {cfg.train.global_batch_size} must be a multiple of ray.num_workers "
+        f"({cfg.ray.num_workers}) x per-worker batch ({cfg.micro_batch_size}); "
+        "change train.global_batch_size or train.per_worker_batch_size",
+    )
+    if cfg.eval.mode == "slide":
+        require(
+            cfg.eval.crop is not None and cfg.eval.stride is not None,
+            "eval.crop",
+            "and eval.stride must be set for eval.mode=slide",
+        )
+    require(cfg.eval.batch_size > 0, "eval.batch_size", "must be > 0")
+    require(bool(cfg.run.storage_path), "run.storage_path", "must not be empty")
+
+
+# ---------------------------------------------------------------------------------- output
+
+
+def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Nested plain data (YAML/JSON/torch.save-safe)."""
+    return dataclasses.asdict(cfg)
+
+
+def to_flat_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    """`{"optim.lr": 6e-05, "loss.weights.general": 1.0, ...}`: MLflow params, checkpoint meta."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            flat[prefix.rstrip(".")] = node
+
+    walk(to_dict(cfg), "")
+    return flat
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block-style sections with one-line lists (`crop_size: [512, 512]`)."""
+
+
+_Dumper.add_representer(
+    list, lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True)
+)
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    return yaml.dump(to_dict(cfg), Dumper=_Dumper, sort_keys=False, default_flow_style=False)

@@ -1,0 +1,453 @@
+"""`segnext eval`: score a model on a shard split at each image's original resolution.
+
+Every sample is predicted at its own size by `pipelines.serving.Segmenter` (the code the served
+model runs, so the score is the score of what is served) and counted in a
+`segnext.metrics.ConfusionMatrix`. Small splits run in this process; large ones (auto: more
+than `RAY_ABOVE` samples) run as Ray Data batch inference: `map_batches` over actors that each
+hold the model and return one confusion matrix per batch, summed by the driver. Both paths
+decode, validate and predict the samples with the same functions, so they give the same matrix.
+
+Results (mIoU, aAcc, mAcc, per-class IoU, most confused pairs, confusion-matrix picture) are
+printed and logged to MLflow: a new run by default, or the model's own run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import re
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from data.samples import SamplePipeline
+    from data.shards import Manifest
+    from pipelines.serving import Segmenter
+
+RAY_ABOVE = 500  # --distributed auto: Ray Data batch inference for splits larger than this
+TOP_CONFUSED = 5
+
+# (sample members, shard url, key): one raw webdataset sample as both paths read it
+RawSample = tuple[dict[str, Any], str, str]
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """Test-time settings; None keeps what the training run recorded (see pipelines.serving)."""
+
+    mode: str | None = None
+    crop_size: tuple[int, int] | None = None
+    stride: tuple[int, int] | None = None
+    tta: bool = False
+    batch_size: int | None = None
+
+    def overrides(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "crop_size": self.crop_size,
+            "stride": self.stride,
+            "tta": self.tta,
+            "batch_size": self.batch_size,
+        }
+
+
+@dataclass
+class EvalResult:
+    matrix: np.ndarray  # (K, K) int64, rows = true class, columns = predicted
+    scores: dict[str, Any]  # ConfusionMatrix.compute(): aAcc, mIoU, mAcc, per_class_iou, ...
+    class_names: list[str]
+    num_samples: int
+    distributed: bool
+    settings: dict[str, Any] = field(default_factory=dict)  # the Segmenter's, minus mean/std
+    model_run_id: str | None = None  # the MLflow run that logged the model, if any
+
+
+class OriginalSize:
+    """The eval "transform" for `data.samples.SamplePipeline` that keeps the original size: the
+    pipeline still decodes and validates every sample (naming shard and key on errors)."""
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return image, mask
+
+
+def sample_pipeline(manifest: Manifest) -> SamplePipeline:
+    from data.samples import SamplePipeline
+
+    return SamplePipeline(
+        transform=OriginalSize(),  # type: ignore[arg-type]
+        image_member=f"image.{manifest.image_format}",
+        num_classes=len(manifest.classes),
+        ignore_index=manifest.ignore_index,
+    )
+
+
+def score_batch(
+    segmenter: Segmenter, pipeline: SamplePipeline, samples: list[RawSample]
+) -> np.ndarray:
+    """(K, K) confusion matrix of one batch of raw samples, predicted at original size."""
+    import torch
+
+    from segnext.metrics import ConfusionMatrix
+
+    decoded = [pipeline(sample, shard=url, key=key) for sample, url, key in samples]
+    predictions = segmenter.predict([item["image"] for item in decoded])
+    matrix = ConfusionMatrix(pipeline.num_classes, pipeline.ignore_index)
+    for prediction, item in zip(predictions, decoded, strict=True):
+        matrix.update(torch.from_numpy(prediction), torch.tensor(item["mask"]))
+    return matrix.matrix.cpu().numpy()
+
+
+def _batches(samples: Iterable[RawSample], size: int) -> Iterator[list[RawSample]]:
+    batch: list[RawSample] = []
+    for sample in samples:
+        batch.append(sample)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _raw_samples(urls: list[str], members: tuple[str, ...]) -> Iterator[RawSample]:
+    from data.loader import read_shard
+
+    for url in urls:
+        for sample in read_shard(url):
+            yield {name: sample.get(name) for name in members}, url, str(sample["__key__"])
+
+
+def evaluate_local(
+    segmenter: Segmenter, manifest: Manifest, split: str, *, progress: bool = True
+) -> np.ndarray:
+    """The split's confusion matrix, computed in this process."""
+    from tqdm import tqdm
+
+    from data.stream import checked_shards
+
+    checked_shards(manifest, split)  # a truncated or missing shard fails here, by name
+    pipeline = sample_pipeline(manifest)
+    k = pipeline.num_classes
+    total = np.zeros((k, k), dtype=np.int64)
+    samples = _raw_samples(manifest.shard_urls(split), (pipeline.image_member, "mask.png"))
+    with tqdm(total=manifest.num_samples(split), unit="img", disable=not progress) as bar:
+        for batch in _batches(samples, segmenter.settings.batch_size):
+            total += score_batch(segmenter, pipeline, batch)
+            bar.update(len(batch))
+    return total
+
+
+class BatchScorer:
+    """Ray Data `map_batches` actor: holds one Segmenter, scores batches of raw samples."""
+
+    def __init__(self, model: str, options: EvalOptions, pipeline: SamplePipeline) -> None:
+        from pipelines.serving import load_segmenter
+
+        self.segmenter = load_segmenter(model, **options.overrides())
+        self.pipeline = pipeline
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        members = [name for name in batch if not name.startswith("__")]
+        samples = [
+            ({name: batch[name][i] for name in members}, str(url), str(key))
+            for i, (url, key) in enumerate(zip(batch["__url__"], batch["__key__"], strict=True))
+        ]
+        return {"matrix": score_batch(self.segmenter, self.pipeline, samples)[None]}
+
+
+def evaluate_ray(
+    model: str,
+    manifest: Manifest,
+    split: str,
+    options: EvalOptions,
+    *,
+    workers: int | None = None,
+    batch_size: int = 4,
+) -> np.ndarray:
+    """The split's confusion matrix from Ray Data batch inference on `workers` actors (one GPU
+    each when the cluster has GPUs, else one CPU); needs `ray.init` done by the caller."""
+    import ray
+
+    from data.stream import checked_shards, configure_data_context
+
+    configure_data_context(progress_bars=False)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-10-s progress lines
+    paths, filesystem = checked_shards(manifest, split)
+    pipeline = sample_pipeline(manifest)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    workers = workers or max(1, gpus or cpus - 1)
+    raw = ray.data.read_webdataset(
+        paths,
+        filesystem=filesystem,
+        decoder=None,
+        fileselect=[f"*.{pipeline.image_member}", "*.mask.png"],
+        num_cpus=0.25,
+    )
+    matrices = raw.map_batches(
+        BatchScorer,
+        fn_constructor_args=(model, options, pipeline),
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=workers),
+        num_gpus=1 if gpus else 0,
+        num_cpus=0 if gpus else 1,
+    )
+    k = pipeline.num_classes
+    total = np.zeros((k, k), dtype=np.int64)
+    for row in matrices.iter_rows():
+        total += np.asarray(row["matrix"], dtype=np.int64)
+    return total
+
+
+def evaluate(
+    model: str,
+    data: str,
+    *,
+    split: str = "val",
+    options: EvalOptions | None = None,
+    distributed: str = "auto",
+    workers: int | None = None,
+    progress: bool = True,
+) -> EvalResult:
+    """Score `model` (checkpoint or MLflow model reference) on `data` (shards root)."""
+    import torch
+
+    from data.shards import load_manifest
+    from pipelines.checkpoint import load_checkpoint
+    from pipelines.serving import Segmenter, resolve_model
+    from segnext.metrics import ConfusionMatrix
+
+    options = options or EvalOptions()
+    manifest = load_manifest(data)
+    num_samples = manifest.num_samples(split)
+    use_ray = distributed == "on" or (distributed == "auto" and num_samples > RAY_ABOVE)
+    source = resolve_model(model)
+    segmenter = Segmenter.from_checkpoint(
+        load_checkpoint(source.checkpoint),
+        device="cpu" if use_ray else None,  # the driver only reads settings then
+        **options.overrides(),
+    )
+    _check_classes(segmenter.class_names, manifest, model, data)
+    settings = {
+        key: value for key, value in vars(segmenter.settings).items() if key not in ("mean", "std")
+    }
+    if use_ray:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(logging_level="WARNING", runtime_env={"env_vars": _worker_env()})
+        matrix = evaluate_ray(
+            model,
+            manifest,
+            split,
+            options,
+            workers=workers,
+            batch_size=segmenter.settings.batch_size,
+        )
+    else:
+        matrix = evaluate_local(segmenter, manifest, split, progress=progress)
+    accumulator = ConfusionMatrix(len(manifest.classes), manifest.ignore_index)
+    accumulator.matrix = torch.from_numpy(matrix)
+    scores = accumulator.compute(class_names=manifest.classes, top_confused=TOP_CONFUSED)
+    return EvalResult(
+        matrix, scores, list(manifest.classes), num_samples, use_ray, settings, source.run_id
+    )
+
+
+def _worker_env() -> dict[str, str]:
+    """Ray workers need this process's tracking store to resolve models:/ URIs."""
+    import mlflow
+
+    return {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+
+
+def _check_classes(names: list[str], manifest: Manifest, model: str, data: str) -> None:
+    if len(names) != len(manifest.classes):
+        raise ValueError(
+            f"{model} predicts {len(names)} classes but {data} has {len(manifest.classes)} "
+            f"({', '.join(manifest.classes)}); evaluate on shards of the dataset it was trained on"
+        )
+
+
+# ---------------------------------------------------------------------------------- report
+
+
+def format_report(result: EvalResult, split: str) -> str:
+    scores = result.scores
+    path = "Ray Data" if result.distributed else "single process"
+    lines = [
+        f"{split}: {result.num_samples} images ({path}), mode {result.settings.get('mode')}"
+        f"{', TTA' if result.settings.get('flip') else ''}",
+        f"  mIoU {100 * scores['mIoU']:.2f}   aAcc {100 * scores['aAcc']:.2f}   "
+        f"mAcc {100 * scores['mAcc']:.2f}",
+        "  per-class IoU:",
+    ]
+    width = max(len(name) for name in result.class_names)
+    for name, iou in zip(result.class_names, scores["per_class_iou"], strict=True):
+        value = "   n/a" if math.isnan(iou) else f"{100 * iou:6.2f}"
+        lines.append(f"    {name:<{width}}  {value}")
+    if scores["confused_pairs"]:
+        lines.append("  most confused (true -> predicted, share of the true class):")
+        for pair in scores["confused_pairs"]:
+            lines.append(
+                f"    {pair['true']} -> {pair['pred']}: {100 * pair['fraction']:.1f}% "
+                f"({pair['pixels']} px)"
+            )
+    return "\n".join(lines)
+
+
+def _metric_name(text: str) -> str:
+    return re.sub(r"[^\w\-. /]", "_", text)
+
+
+def log_to_mlflow(
+    result: EvalResult,
+    *,
+    model: str,
+    data: str,
+    split: str,
+    target: str,
+    experiment: str,
+    tracking_uri: str | None = None,
+) -> str:
+    """Log the scores into a new run (`target="new"`) or the model's run (`"model"`); returns
+    the run id. Metric keys are `eval/<split>/...`."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    from pipelines import tracking
+
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    client = MlflowClient(uri)
+    source_run = result.model_run_id
+    if target == "model":
+        if source_run is None:
+            raise ValueError(
+                f"{model} is a bare checkpoint with no MLflow run; use --log-to new or pass a "
+                "registered model (models:/segnext@champion)"
+            )
+        run_id = source_run
+    else:
+        experiment_id = tracking.ensure_experiment(uri, experiment)
+        tags = {"segnext.eval.model": model, "segnext.eval.data": data, "segnext.eval.split": split}
+        if source_run:
+            tags["segnext.eval.model_run"] = source_run
+        run_id = client.create_run(experiment_id, run_name=f"eval-{split}", tags=tags).info.run_id
+    prefix = f"eval/{split}"
+    scores = result.scores
+    values = {f"{prefix}/{key}": scores[key] for key in ("mIoU", "aAcc", "mAcc")}
+    for name, iou in zip(result.class_names, scores["per_class_iou"], strict=True):
+        values[f"{prefix}/IoU/{_metric_name(name)}"] = iou
+    metrics = [Metric(key, float(v), 0, 0) for key, v in values.items() if not math.isnan(v)]
+    client.log_batch(run_id, metrics=metrics)
+    figures = (
+        (tracking.confusion_matrix_figure(result.matrix, result.class_names), "confusion_matrix"),
+        (tracking.per_class_iou_figure(scores["per_class_iou"], result.class_names), "iou"),
+    )
+    for figure, name in figures:
+        client.log_figure(run_id, figure, f"{prefix}/{name}.png")
+    client.log_dict(
+        run_id,
+        {
+            "model": model,
+            "data": data,
+            "split": split,
+            "num_samples": result.num_samples,
+            "settings": result.settings,
+            "scores": scores,
+            "class_names": result.class_names,
+            "confusion_matrix": result.matrix.tolist(),
+        },
+        f"{prefix}/metrics.json",
+    )
+    if target == "new":
+        client.set_terminated(run_id)
+    return run_id
+
+
+# ---------------------------------------------------------------------------------- command
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="score a model on a shard split (mIoU, per-class IoU, confusions) and log it",
+        description="Evaluate a checkpoint or MLflow model (models:/segnext@champion) on a shard "
+        "split at the original image resolution; log the scores to MLflow.",
+    )
+    parser.add_argument("--model", required=True, help="checkpoint path or MLflow model URI")
+    parser.add_argument("--data", required=True, help="shards folder or URI (with dataset.json)")
+    parser.add_argument("--split", default="val")
+    parser.add_argument(
+        "--mode",
+        choices=("auto", "whole", "slide"),
+        default=None,
+        help="default: the training run's eval.mode, else auto (slide on large images)",
+    )
+    parser.add_argument("--crop", nargs=2, type=int, metavar=("H", "W"), help="slide window")
+    parser.add_argument("--stride", nargs=2, type=int, metavar=("H", "W"), help="slide stride")
+    parser.add_argument("--tta", action="store_true", help="multi-scale (0.5-1.75) + flip")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per forward pass")
+    parser.add_argument(
+        "--distributed",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help=f"Ray Data batch inference (auto: above {RAY_ABOVE} samples)",
+    )
+    parser.add_argument("--workers", type=int, default=None, help="Ray inference actors")
+    parser.add_argument(
+        "--log-to",
+        choices=("new", "model", "none"),
+        default="new",
+        help="MLflow: a new run (default), the model's run, or nothing",
+    )
+    parser.add_argument("--experiment", default="segnext", help="experiment of a new run")
+    parser.add_argument("--tracking-uri", default=None)
+    parser.add_argument("--json", metavar="FILE", help="also write the scores as JSON")
+    parser.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    import mlflow
+
+    from pipelines.tracking import resolve_tracking_uri
+
+    mlflow.set_tracking_uri(resolve_tracking_uri(args.tracking_uri))  # for models:/ references
+    options = EvalOptions(
+        mode=args.mode,
+        crop_size=tuple(args.crop) if args.crop else None,
+        stride=tuple(args.stride) if args.stride else None,
+        tta=args.tta,
+        batch_size=args.batch_size,
+    )
+    result = evaluate(
+        args.model,
+        args.data,
+        split=args.split,
+        options=options,
+        distributed=args.distributed,
+        workers=args.workers,
+        progress=sys.stderr.isatty(),
+    )
+    print(format_report(result, args.split))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"scores": result.scores, "matrix": result.matrix.tolist()}, handle)
+    if args.log_to != "none":
+        run_id = log_to_mlflow(
+            result,
+            model=args.model,
+            data=args.data,
+            split=args.split,
+            target=args.log_to,
+            experiment=args.experiment,
+            tracking_uri=args.tracking_uri,
+        )
+        print(f"logged to MLflow run {run_id}")
+    return 0

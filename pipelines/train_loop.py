@@ -1,0 +1,424 @@
+"""What every Ray Train worker runs: build, restore, train by iterations, validate, checkpoint.
+
+Every rank executes the same sequence of collectives (DDP gradient sync, the metric
+all-reduces, `ray.train.report`), at the same iterations, so no rank waits for another forever.
+Rank 0 alone writes checkpoints and logs to MLflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import segnext
+from data.stream import iter_batches
+from data.transforms import MEAN, STD
+from pipelines import tracking
+from pipelines.checkpoint import load_checkpoint, model_overrides, save_checkpoint
+from pipelines.config import ExperimentConfig, config_from_dict, to_flat_dict
+from pipelines.optim import RecipeSchedule, build_optimizer
+
+# Depth-wise conv weight gradients differ from their parameters only in the stride of a size-1
+# dimension; DDP still flags it although the layouts are equivalent.
+warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+
+PREVIEW_SAMPLES = 4  # validation images drawn in the prediction grid
+TOP_CONFUSED = 5
+
+
+@dataclass
+class LoopState:
+    iteration: int = 0  # optimizer steps done
+    epoch: int = 0  # full passes over the train split (images seen / train samples)
+    start_iteration: int = 0  # where this attempt started (> 0 after a restore)
+    last_val: dict[str, float] = field(default_factory=dict)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Entry point given to `TorchTrainer`; `config` is built by `pipelines.train`."""
+    cfg = config_from_dict(config["experiment"], source="train loop config")
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    torch.manual_seed(cfg.train.seed)  # identical init on every rank
+    core = build_model(cfg, config["meta"]["num_classes"])
+    optimizer = build_optimizer(core, cfg.optim)
+    scheduler = RecipeSchedule(optimizer, cfg.schedule)
+    state = LoopState()
+    restored = _restore(core, optimizer, scheduler, state)
+    if not restored and cfg.model.pretrained:
+        report = segnext.load_official_weights(core, cfg.model.pretrained)
+        if rank == 0:
+            print(f"[segnext] pretrained weights from {cfg.model.pretrained}: {report}")
+    torch.manual_seed(cfg.train.seed + 1009 * rank + state.iteration)  # distinct dropout per rank
+
+    if world > 1 and device.type == "cuda":
+        core = nn.SyncBatchNorm.convert_sync_batchnorm(core)
+    if cfg.train.channels_last:
+        core = core.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(core)  # moves to device, wraps DDP when world > 1
+    core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    step_model = torch.compile(model) if cfg.train.compile else model
+    _move_optimizer_state(optimizer, device)
+
+    criterion = segnext.build_criterion(
+        cfg.model.classifier,
+        ignore_index=config["meta"]["ignore_index"],
+        average=cfg.loss.average,
+        weights=cfg.loss.weights,
+        top_k=cfg.model.classifier_kwargs.get("top_k", 3),
+        variance_top_k=cfg.loss.variance_top_k,
+    )
+    logger = tracking.RunLogger(config["tracking_uri"], config["run_id"], enabled=rank == 0)
+    logger.tags({
+        "workers.device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "workers.world_size": str(world),
+    })
+    runner = _Runner(cfg, config, state, model=step_model, core=core, optimizer=optimizer,
+                     scheduler=scheduler, criterion=criterion, logger=logger, device=device,
+                     rank=rank, world=world)
+    runner.run()
+    return {
+        "iteration": state.iteration,
+        "epoch": state.epoch,
+        "start_iteration": state.start_iteration,
+        "metrics": dict(state.last_val),
+    }
+
+
+def build_model(cfg: ExperimentConfig, num_classes: int) -> segnext.SegNeXt:
+    """A fresh SegNeXt as `cfg.model` describes it (the driver's dry build uses it too)."""
+    overrides = model_overrides(cfg.model.classifier_kwargs, cfg.model.nmf)
+    if cfg.model.drop_path_rate is not None:
+        overrides["drop_path_rate"] = cfg.model.drop_path_rate
+    return segnext.create_model(
+        cfg.model.variant, num_classes, classifier=cfg.model.classifier, **overrides
+    )
+
+
+def _restore(core, optimizer, scheduler, state: LoopState) -> bool:
+    """Continue from Ray's latest checkpoint (a restart after a failure, or --resume)."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return False
+    with checkpoint.as_directory() as folder:
+        payload = load_checkpoint(folder, map_location="cpu")
+    core.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    state.iteration = state.start_iteration = int(payload["iteration"])
+    state.epoch = int(payload["epoch"])
+    state.last_val = dict(payload.get("metrics", {}))
+    return True
+
+
+def _move_optimizer_state(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    for per_param in optimizer.state.values():
+        for key, value in per_param.items():
+            if torch.is_tensor(value) and key != "step":
+                per_param[key] = value.to(device)
+
+
+class _Runner:
+    """The iteration loop and its periodic duties (log, validate, checkpoint, stop)."""
+
+    def __init__(self, cfg: ExperimentConfig, config: dict[str, Any], state: LoopState, *,
+                 model, core, optimizer, scheduler, criterion, logger, device, rank, world):
+        self.cfg, self.config, self.state = cfg, config, state
+        self.model, self.core = model, core
+        self.optimizer, self.scheduler, self.criterion = optimizer, scheduler, criterion
+        self.logger, self.device, self.rank, self.world = logger, device, rank, world
+        self.meta = config["meta"]
+        self.autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if cfg.train.amp and device.type == "cuda"
+            else contextlib.nullcontext()
+        )
+        self.started = time.monotonic()
+        self._reset_window()
+
+    # ---------------------------------------------------------------- main loop
+
+    def run(self) -> None:
+        cfg, state = self.cfg, self.state
+        images_per_epoch = self.config["train_samples"]
+        batches = self._train_batches()
+        try:
+            while state.iteration < cfg.schedule.iterations:
+                self._step(batches)
+                state.iteration += 1
+                state.epoch = state.iteration * cfg.train.global_batch_size // images_per_epoch
+                self._maybe_inject_failure()
+                last = state.iteration == cfg.schedule.iterations or self._out_of_time()
+                if state.iteration % cfg.train.log_every == 0 or last:
+                    self._log_training()
+                checkpoint = state.iteration % cfg.train.checkpoint_every == 0 or last
+                if checkpoint or state.iteration % cfg.train.val_every == 0:
+                    self._validate_and_report(checkpoint=checkpoint)
+                if last:
+                    break
+        finally:
+            batches.close()
+
+    def _train_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Micro-batches forever, restarting the stream after each pass over the shard."""
+        shard = ray.train.get_dataset_shard("train")
+        while True:
+            count = 0
+            for batch in iter_batches(shard, self.cfg.micro_batch_size, device=self.device,
+                                      drop_last=True):
+                count += 1
+                yield batch
+            if count == 0:
+                raise RuntimeError(
+                    f"the train split gives worker {self.rank} no full batch of "
+                    f"{self.cfg.micro_batch_size}; use more samples or a smaller "
+                    "train.global_batch_size / train.per_worker_batch_size"
+                )
+
+    def _step(self, batches: Iterator[dict[str, torch.Tensor]]) -> None:
+        accumulation = self.cfg.grad_accumulation
+        step_start = time.perf_counter()
+        for micro in range(accumulation):
+            wait_start = time.perf_counter()
+            batch = next(batches)
+            self.window["wait"] += time.perf_counter() - wait_start
+            images, masks = batch["images"], batch["masks"]
+            if self.cfg.train.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            sync = micro == accumulation - 1 or not hasattr(self.model, "no_sync")
+            with self.model.no_sync() if not sync else contextlib.nullcontext():
+                with self.autocast:
+                    outputs = self.model(images)
+                loss, parts = self.criterion(outputs, masks)
+                (loss / accumulation).backward()
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise FloatingPointError(
+                    f"training loss is {value} at iteration {self.state.iteration + 1} on rank "
+                    f"{self.rank}: the run diverged; lower optim.lr or check the data"
+                )
+            self.window["loss"] += value / accumulation
+            for name, value in parts.items():
+                self.window["parts"][name] = (
+                    self.window["parts"].get(name, 0.0) + float(value) / accumulation
+                )
+            self.window["images"] += images.shape[0]
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.window["steps"] += 1
+        self.window["step_time"] += time.perf_counter() - step_start
+
+    # ---------------------------------------------------------------- duties
+
+    def _reset_window(self) -> None:
+        self.window = {"loss": 0.0, "parts": {}, "wait": 0.0, "images": 0, "steps": 0,
+                       "step_time": 0.0, "start": time.perf_counter()}
+
+    def _log_training(self) -> None:
+        """Losses averaged over ranks and steps since the last log; throughput of the window."""
+        w = self.window
+        names = sorted(w["parts"])
+        local = [w["loss"], *(w["parts"][n] for n in names), w["wait"], w["step_time"],
+                 float(w["images"])]
+        totals = self._all_reduce(local) / self.world  # means over ranks
+        steps = max(w["steps"], 1)
+        elapsed = max(time.perf_counter() - w["start"], 1e-9)
+        wait, step_time, images = totals[-3:]
+        metrics = {"train/loss": totals[0] / steps}
+        metrics.update({f"train/{n}": totals[1 + i] / steps for i, n in enumerate(names)})
+        for group in self.optimizer.param_groups:
+            metrics[f"lr/{group['name']}"] = group["lr"]
+        metrics.update({
+            "perf/images_per_s": images * self.world / elapsed,
+            "perf/step_time_s": step_time / steps,
+            "perf/data_wait_fraction": wait / elapsed,
+            "epoch": float(self.state.epoch),
+        })
+        self.logger.metrics(metrics, step=self.state.iteration)
+        if self.rank == 0:
+            print(
+                f"[segnext] it {self.state.iteration}/{self.cfg.schedule.iterations} "
+                f"epoch {self.state.epoch} loss {metrics['train/loss']:.4f} "
+                f"lr {self.optimizer.param_groups[0]['lr']:.2e} "
+                f"{metrics['perf/images_per_s']:.1f} img/s "
+                f"step {metrics['perf/step_time_s']:.3f}s "
+                f"data-wait {100 * metrics['perf/data_wait_fraction']:.0f}%",
+                flush=True,
+            )
+        self._reset_window()
+
+    def _validate_and_report(self, *, checkpoint: bool) -> None:
+        val_start = time.perf_counter()
+        matrix, preview = self._evaluate()
+        result = segnext.ConfusionMatrix(self.meta["num_classes"], self.meta["ignore_index"])
+        result.matrix = matrix.cpu()
+        summary = result.compute(class_names=self.meta["class_names"], top_confused=TOP_CONFUSED)
+        metrics = {
+            "val/mIoU": float(summary["mIoU"]),
+            "val/aAcc": float(summary["aAcc"]),
+            "val/mAcc": float(summary["mAcc"]),
+        }
+        self.state.last_val = dict(metrics)
+        if self.rank == 0:
+            self._log_validation(metrics, summary, result.matrix.numpy(), preview)
+            print(
+                f"[segnext] validation at it {self.state.iteration}: mIoU {metrics['val/mIoU']:.4f} "
+                f"aAcc {metrics['val/aAcc']:.4f} ({time.perf_counter() - val_start:.1f}s)",
+                flush=True,
+            )
+        report = {**metrics, "iteration": self.state.iteration, "epoch": self.state.epoch}
+        self._report(report, checkpoint=checkpoint)
+        self.window["start"] += time.perf_counter() - val_start  # keep throughput honest
+
+    @torch.no_grad()
+    def _evaluate(self) -> tuple[torch.Tensor, dict[str, np.ndarray] | None]:
+        """This worker's share of the val split, confusion matrices summed over all workers."""
+        cfg, core = self.cfg, self.core
+        k = self.meta["num_classes"]
+        matrix = segnext.ConfusionMatrix(k, self.meta["ignore_index"])
+        matrix.matrix = matrix.matrix.to(self.device)
+        preview = None
+        slide = {}
+        if cfg.eval.mode == "slide":
+            slide = {"crop_size": tuple(cfg.eval.crop), "stride": tuple(cfg.eval.stride)}
+        core.eval()
+        try:
+            shard = ray.train.get_dataset_shard("val")
+            for batch in iter_batches(shard, cfg.eval.batch_size, device=self.device,
+                                      drop_last=False):
+                images, masks = batch["images"], batch["masks"]
+                with self.autocast:
+                    logits = segnext.predict_logits(core, images, mode=cfg.eval.mode, **slide)
+                preds = logits.argmax(dim=1)
+                matrix.update(preds, masks)
+                if preview is None and self.rank == 0:
+                    preview = _preview(images, masks, preds)
+        finally:
+            core.train()
+        counts = matrix.matrix
+        if self.world > 1:
+            counts = counts.to(self.device)
+            dist.all_reduce(counts)
+        return counts, preview
+
+    def _log_validation(self, metrics, summary, matrix, preview) -> None:
+        step = self.state.iteration
+        names = self.meta["class_names"]
+        per_class = {
+            f"val/IoU/{_metric_name(name)}": float(iou)
+            for name, iou in zip(names, summary["per_class_iou"], strict=True)
+        }
+        self.logger.metrics({**metrics, **per_class}, step=step)
+        folder = f"validation/step_{step:07d}"
+        self.logger.dict(
+            {
+                "iteration": step,
+                **{key: summary[key] for key in ("mIoU", "aAcc", "mAcc")},
+                "per_class_iou": dict(zip(names, summary["per_class_iou"], strict=True)),
+                "confused_pairs": summary["confused_pairs"],
+            },
+            f"{folder}/metrics.json",
+        )
+        self.logger.figure(tracking.confusion_matrix_figure(matrix, names),
+                           f"{folder}/confusion_matrix.png")
+        self.logger.figure(tracking.per_class_iou_figure(summary["per_class_iou"], names),
+                           f"{folder}/per_class_iou.png")
+        if preview is not None:
+            self.logger.figure(
+                tracking.prediction_grid_figure(
+                    preview["images"], preview["masks"], preview["preds"],
+                    self.meta["palette"], self.meta["ignore_index"],
+                ),
+                f"{folder}/predictions.png",
+            )
+
+    def _report(self, metrics: dict[str, Any], *, checkpoint: bool) -> None:
+        """`ray.train.report` on every rank (a barrier); rank 0 attaches the checkpoint."""
+        name = f"checkpoint_{self.state.iteration:07d}"
+        if not checkpoint:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="segnext-ckpt-") as folder:
+            attached = None
+            if self.rank == 0:
+                save_checkpoint(folder, self._payload(metrics))
+                attached = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(metrics, checkpoint=attached, checkpoint_dir_name=name)
+
+    def _payload(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "model": {k: v.detach().cpu() for k, v in self.core.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "iteration": self.state.iteration,
+            "epoch": self.state.epoch,
+            "metrics": {k: float(v) for k, v in metrics.items()},
+            "config": to_flat_dict(self.cfg),
+            "meta": self.meta,
+        }
+
+    def _out_of_time(self) -> bool:
+        """Stop early once `train.time_budget_s` is spent (agreed by all ranks)."""
+        budget = self.cfg.train.time_budget_s
+        if budget is None:
+            return False
+        over = float(time.monotonic() - self.started > budget)
+        return bool(self._all_reduce([over], op=dist.ReduceOp.MAX)[0] > 0)
+
+    def _maybe_inject_failure(self) -> None:
+        """Test hook: crash rank 0 once at `train.fail_at_iteration` (a marker file makes it once)."""
+        if self.cfg.train.fail_at_iteration != self.state.iteration or self.rank != 0:
+            return
+        marker = Path(self.config["fault_marker"])
+        if marker.exists():
+            return
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"failure injected at iteration {self.state.iteration}\n")
+        raise RuntimeError(
+            f"injected failure at iteration {self.state.iteration} (train.fail_at_iteration)"
+        )
+
+    def _all_reduce(self, values: list[float], op=None) -> np.ndarray:
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+        return tensor.cpu().numpy()
+
+
+def _preview(images: torch.Tensor, masks: torch.Tensor, preds: torch.Tensor) -> dict:
+    """The first few validation samples back in uint8 RGB for the prediction grid."""
+    n = min(PREVIEW_SAMPLES, images.shape[0])
+    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
+    rgb = (images[:n].float() * std + mean).clamp(0, 255).round().to(torch.uint8)
+    return {
+        "images": rgb.permute(0, 2, 3, 1).cpu().numpy(),
+        "masks": masks[:n].cpu().numpy(),
+        "preds": preds[:n].cpu().numpy(),
+    }
+
+
+def _metric_name(name: str) -> str:
+    """MLflow metric keys allow letters, digits, _ - . / and spaces."""
+    return "".join(c if c.isalnum() or c in "_-. " else "_" for c in name)

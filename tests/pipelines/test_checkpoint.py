@@ -1,0 +1,104 @@
+"""Checkpoint files: atomic writes, weights-only loads, clear errors, model rebuild."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipelines.checkpoint import (
+    CHECKPOINT_FILE,
+    CheckpointError,
+    build_meta,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
+from pipelines.config import OptimConfig, ScheduleConfig
+from pipelines.optim import RecipeSchedule, build_optimizer
+from segnext import create_model
+
+
+class NotWeights:
+    """An arbitrary object: weights-only loading must refuse to unpickle it."""
+
+
+def _payload(model: torch.nn.Module) -> dict:
+    optimizer = build_optimizer(model, OptimConfig())
+    scheduler = RecipeSchedule(optimizer, ScheduleConfig(iterations=10, warmup_iters=2))
+    optimizer.step()
+    scheduler.step()
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "iteration": 1,
+        "epoch": 0,
+        "metrics": {"val/mIoU": 0.5},
+        "config": {"optim.lr": 6e-5, "data.crop_size": [64, 64], "model.num_classes": None},
+        "meta": build_meta(
+            variant="tiny",
+            num_classes=3,
+            classifier="integrated",
+            classifier_kwargs={"top_k": 2},
+            nmf={"eval_steps": 5},
+            class_names=["a", "b", "c"],
+            palette=[[0, 0, 0], [255, 0, 0], [0, 255, 0]],
+            ignore_index=255,
+            mean=[123.675, 116.28, 103.53],
+            std=[58.395, 57.12, 57.375],
+            crop_size=[64, 64],
+        ),
+    }
+
+
+def test_round_trip_rebuilds_the_same_model(tmp_path: Path) -> None:
+    model = create_model("tiny", 3, classifier="integrated", classifier_kwargs={"top_k": 2})
+    payload = _payload(model)
+    path = save_checkpoint(tmp_path / "ckpt", payload)
+    assert path == tmp_path / "ckpt" / CHECKPOINT_FILE
+    assert os.listdir(tmp_path / "ckpt") == [CHECKPOINT_FILE]  # no temp file left behind
+
+    loaded = load_checkpoint(tmp_path / "ckpt")  # a folder or the file itself
+    assert loaded["iteration"] == 1 and loaded["metrics"]["val/mIoU"] == 0.5
+    assert loaded["meta"]["class_names"] == ["a", "b", "c"]
+    rebuilt = model_from_checkpoint(load_checkpoint(path))
+    assert not rebuilt.training and rebuilt.classifier_kind == "integrated"
+    assert rebuilt.decode_head.classifier.top_k == 2
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(rebuilt.state_dict()[key], value)
+
+
+def test_failed_write_keeps_the_previous_file(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, {"model": {}, "iteration": 1, "meta": {"format": "x"}})
+    before = (tmp_path / CHECKPOINT_FILE).read_bytes()
+    with pytest.raises(Exception):  # noqa: B017 - any pickling error
+        save_checkpoint(tmp_path, {"model": {}, "iteration": 2, "meta": lambda: 0})
+    assert (tmp_path / CHECKPOINT_FILE).read_bytes() == before
+    assert os.listdir(tmp_path) == [CHECKPOINT_FILE]
+
+
+def test_files_that_are_not_ours(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "missing")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a zip at all")
+    with pytest.raises(CheckpointError, match="not a SegNeXt checkpoint"):
+        load_checkpoint(garbage)
+
+    pickled = tmp_path / "code.pt"
+    torch.save({"model": NotWeights()}, pickled)
+    with pytest.raises(CheckpointError, match="weights_only=True failed"):
+        load_checkpoint(pickled)
+
+    plain = tmp_path / "plain.pt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}}, plain)
+    with pytest.raises(CheckpointError, match="lacks the keys"):
+        load_checkpoint(plain)
+
+    other = tmp_path / "other.pt"
+    torch.save({"model": {}, "iteration": 0, "meta": {"format": "other/9"}}, other)
+    with pytest.raises(CheckpointError, match="format 'other/9'"):
+        load_checkpoint(other)

@@ -1,0 +1,130 @@
+"""Config loading: YAML + dotted overrides, typed, validated before anything starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import (
+    ConfigError,
+    ExperimentConfig,
+    load_config,
+    parse_override,
+    to_flat_dict,
+    to_yaml,
+    with_overrides,
+)
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    path = tmp_path / "exp.yaml"
+    path.write_text(
+        "model: {variant: tiny, classifier: integrated}\n"
+        "data: {root: /some/shards, crop_size: [64, 64]}\n"
+        "optim: {lr: 6e-5}\n"
+        "ray: {num_workers: 2}\n"
+        "train: {global_batch_size: 8}\n"
+    )
+    return path
+
+
+def test_yaml_values_and_defaults(config_file: Path) -> None:
+    cfg = load_config(config_file)
+    assert cfg.model.classifier == "integrated"
+    assert cfg.data.crop_size == [64, 64]
+    assert cfg.optim.lr == pytest.approx(6e-5)  # YAML 1.1 reads "6e-5" as a string
+    assert isinstance(cfg.optim.lr, float)
+    assert cfg.schedule.warmup_ratio == pytest.approx(1e-6)
+    assert cfg.micro_batch_size == 4 and cfg.grad_accumulation == 1
+
+
+def test_overrides_are_typed(config_file: Path) -> None:
+    cfg = load_config(
+        config_file,
+        [
+            "optim.lr=1e-3",
+            "schedule.iterations=2000",
+            "train.amp=false",
+            "data.crop_size=[32, 48]",
+            "model.num_classes=null",
+            "loss.weights.variance=0.5",
+            "run.name=abc",
+            "train.per_worker_batch_size=2",
+        ],
+    )
+    assert cfg.optim.lr == pytest.approx(1e-3)
+    assert cfg.schedule.iterations == 2000
+    assert cfg.train.amp is False
+    assert cfg.data.crop_size == [32, 48]
+    assert cfg.model.num_classes is None
+    assert cfg.loss.weights["variance"] == 0.5 and cfg.loss.weights["general"] == 1.0
+    assert cfg.run.name == "abc"
+    # 8 images over 2 workers x 2 per pass -> 2 passes per optimizer step
+    assert cfg.micro_batch_size == 2 and cfg.grad_accumulation == 2
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("optim.lrr=1", "unknown config key optim.lrr; did you mean optim.lr?"),
+        ("nosuch.key=1", "unknown config key nosuch"),
+        ("schedule.iterations=abc", "schedule.iterations = 'abc' has type str, expected int"),
+        ("schedule.iterations=1.5", "expected int"),
+        ("train.amp=3", "expected bool"),
+        ("model.classifier=fancy", "choose one of 'standard', 'integrated'"),
+        ("data.crop_size=64", "expected list"),
+        ("optim.lr=-1", "optim.lr must be > 0"),
+        ("train.global_batch_size=7", "must be a multiple of ray.num_workers"),
+        ("loss.weights.typo=1", "keys must be general, refine, variance"),
+        ("optim.lr", "not of the form section.key=value"),
+        ("eval.mode=slide", "eval.stride must be set"),
+    ],
+)
+def test_bad_values_raise_config_error(config_file: Path, override: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(config_file, [override])
+    assert needle in str(info.value)
+
+
+def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("model: {variant: tiny}\n")  # no data.root
+    with pytest.raises(ConfigError, match="data.root is empty"):
+        load_config(bad)
+
+
+def test_flat_dict_and_yaml_round_trip(config_file: Path, tmp_path: Path) -> None:
+    cfg = load_config(config_file, ["loss.weights.refine=2"])
+    flat = to_flat_dict(cfg)
+    assert flat["optim.lr"] == pytest.approx(6e-5)
+    assert flat["loss.weights.refine"] == 2.0
+    assert flat["data.crop_size"] == [64, 64]
+    again = tmp_path / "again.yaml"
+    again.write_text(to_yaml(cfg))
+    assert load_config(again) == cfg
+    assert with_overrides(cfg, {"optim.lr": 0.5}).optim.lr == 0.5
+    with pytest.raises(ConfigError):
+        with_overrides(cfg, {"optim.nope": 1})
+
+
+def test_parse_override_uses_yaml_scalars() -> None:
+    assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2])
+    assert parse_override("a.b=null") == ("a.b", None)
+    assert parse_override("a.b=") == ("a.b", None)
+    assert parse_override("a.b=hello") == ("a.b", "hello")
+
+
+@pytest.mark.parametrize("name", ["demo", "camvid", "ade20k", "cityscapes"])
+def test_shipped_configs_load(name: str) -> None:
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    assert isinstance(cfg, ExperimentConfig)
+    assert cfg.schedule.warmup_iters < cfg.schedule.iterations

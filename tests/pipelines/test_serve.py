@@ -1,0 +1,270 @@
+"""Serving: Segmenter pre/post-processing, the pyfunc input forms, a fresh-process round trip
+through the registry, and `mlflow models serve` answering real HTTP requests."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from test_registry import CLASSES, single_thread, sqlite_store, tiny_checkpoint  # noqa: F401
+
+from pipelines.checkpoint import load_checkpoint, model_from_checkpoint
+from pipelines.serving import (
+    InferenceSettings,
+    Segmenter,
+    decode_mask_png,
+    load_segmenter,
+    predict_any,
+    settings_from_checkpoint,
+)
+
+SIZES = ((40, 60), (33, 47))
+SERVE = "models serve -m models:/segnext@champion --env-manager local --host 127.0.0.1"
+
+pytestmark = pytest.mark.usefixtures(
+    "single_thread"
+)  # (H, W): different sizes, neither a multiple of 32
+
+
+def _images(sizes=SIZES, seed=0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]
+
+
+def _png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def constant_model(tmp_path_factory) -> Path:
+    """A checkpoint whose model predicts class 2 everywhere, whatever the pre-processing."""
+    return tiny_checkpoint(tmp_path_factory.mktemp("constant"), constant_class=2)
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory) -> str:
+    """A SQLite store whose `segnext@champion` is a tiny random model; its tracking URI."""
+    from mlflow import MlflowClient
+
+    from pipelines.registry import register_checkpoint
+
+    folder = tmp_path_factory.mktemp("registry")
+    uri, experiment = sqlite_store(folder)
+    run_id = MlflowClient(uri).create_run(experiment).info.run_id
+    register_checkpoint(tiny_checkpoint(folder / "ckpt"), run_id=run_id, tracking_uri=uri)
+    return uri
+
+
+def _child_env(uri: str) -> dict[str, str]:
+    bin_dir = str(Path(sys.executable).parent)  # `mlflow models serve` runs `uvicorn` from PATH
+    return {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": uri,
+        "OMP_NUM_THREADS": "1",
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+
+
+# ------------------------------------------------------------------------------ Segmenter
+
+
+@pytest.mark.parametrize(
+    ("mode", "scale", "tta"),
+    [("whole", None, False), ("slide", None, False), ("auto", (64, 32), True)],
+)
+def test_masks_come_back_at_input_size(constant_model, mode, scale, tta):
+    payload = load_checkpoint(constant_model)
+    settings = settings_from_checkpoint(payload, mode=mode, crop_size=(32, 32), tta=tta)
+    settings = InferenceSettings(**{**vars(settings), "scale": scale})
+    meta = payload["meta"]
+    segmenter = Segmenter(
+        model_from_checkpoint(payload),
+        settings,
+        class_names=meta["class_names"],
+        palette=meta["palette"],
+    )
+    masks = segmenter.predict(_images(SIZES + ((70, 90),)))
+    assert [mask.shape for mask in masks] == [(40, 60), (33, 47), (70, 90)]
+    assert all(mask.dtype == np.uint8 and (mask == 2).all() for mask in masks)
+
+
+def test_auto_mode_slides_only_over_large_images(constant_model):
+    settings = settings_from_checkpoint(load_checkpoint(constant_model))  # crop 64x64
+    assert settings.mode == "auto" and settings.stride == (42, 42)
+    assert settings.mode_for(128, 128) == "whole"  # exactly 4 crops
+    assert settings.mode_for(129, 128) == "slide"
+
+
+def test_training_config_sets_test_resize_and_window(tmp_path):
+    config = {"data.scale": [2048, 512], "eval.mode": "slide", "eval.crop": [96, 128]}
+    payload = load_checkpoint(tiny_checkpoint(tmp_path, config=config))
+    settings = settings_from_checkpoint(payload)
+    assert (settings.scale, settings.mode, settings.crop_size) == ((2048, 512), "slide", (96, 128))
+    assert settings_from_checkpoint(payload, mode="whole", tta=True).flip
+
+
+# ------------------------------------------------------------------------------ pyfunc forms
+
+
+def test_pyfunc_input_forms(constant_model):
+    segmenter = load_segmenter(constant_model)
+    images = _images()
+
+    single = predict_any(segmenter, images[0])
+    assert isinstance(single, np.ndarray) and single.shape == SIZES[0]
+    batch = predict_any(segmenter, np.stack([images[0], images[0]]))
+    assert batch.shape == (2, *SIZES[0])
+    assert [m.shape for m in predict_any(segmenter, images)] == list(SIZES)
+    from_json = predict_any(segmenter, images[1].astype(np.int64))  # JSON lists arrive as int64
+    assert from_json.shape == SIZES[1]
+
+    encoded = [_png(images[0]), base64.b64encode(_png(images[1])).decode()]  # bytes and base64
+    for table in (pd.DataFrame({"image": encoded}), {"image": encoded}):
+        out = predict_any(segmenter, table)
+        assert list(out.columns) == ["mask", "height", "width"]
+        masks = [decode_mask_png(text) for text in out["mask"]]
+        assert [m.shape for m in masks] == list(SIZES)
+        assert (out["height"].tolist(), out["width"].tolist()) == ([40, 33], [60, 47])
+        assert all((m == 2).all() for m in masks)
+        json.dumps(out.to_dict(orient="records"))  # what the scoring server returns
+
+
+def test_pyfunc_rejects_bad_inputs_clearly(constant_model):
+    segmenter = load_segmenter(constant_model)
+    with pytest.raises(ValueError, match="integers 0..255"):
+        predict_any(segmenter, np.zeros((8, 8, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match="column named 'image'"):
+        predict_any(segmenter, pd.DataFrame({"picture": [b"x"]}))
+    with pytest.raises(ValueError, match="row 0: bytes are not a readable image"):
+        predict_any(segmenter, pd.DataFrame({"image": [b"not an image"]}))
+    with pytest.raises(ValueError, match=r"expected an RGB image \(H, W, 3\)"):
+        predict_any(segmenter, np.zeros((8, 8), dtype=np.uint8))
+
+
+# -------------------------------------------------------------------------- registry round trip
+
+
+@pytest.mark.slow
+def test_champion_loads_and_predicts_in_a_fresh_process(registry):
+    script = textwrap.dedent(
+        """
+        import json, sys
+        import mlflow, numpy as np
+        model = mlflow.pyfunc.load_model("models:/segnext@champion")
+        rng = np.random.default_rng(0)
+        images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(40, 60), (33, 47)]]
+        masks = model.predict(images)
+        names = model.metadata.metadata["class_names"]
+        print(json.dumps({"shapes": [m.shape for m in masks], "max": max(int(m.max()) for m in masks),
+                          "classes": names}))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env=_child_env(registry),
+        cwd="/",  # nothing importable from the checkout's folder: only the installed package
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["shapes"] == [list(size) for size in SIZES]
+    assert result["max"] < len(CLASSES) and result["classes"] == list(CLASSES)
+
+
+@pytest.mark.slow
+def test_model_uris_resolve_to_their_checkpoint_and_run(registry):
+    from mlflow import MlflowClient
+
+    from pipelines.registry import using_tracking_uri
+    from pipelines.serving import resolve_model
+
+    with using_tracking_uri(registry):
+        source = resolve_model("models:/segnext@champion")
+        segmenter = load_segmenter("models:/segnext/1")
+    assert source.checkpoint.name == "checkpoint.pt" and source.checkpoint.is_file()
+    assert source.run_id == MlflowClient(registry).get_model_version("segnext", "1").run_id
+    masks = segmenter.predict(_images())
+    assert [mask.shape for mask in masks] == list(SIZES)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait_for_ping(url: str, server: subprocess.Popen, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise AssertionError(f"server exited with {server.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(1.0)
+    raise AssertionError("server did not answer /ping in time")
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_http(registry, tmp_path):
+    port = _free_port()
+    log = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", *SERVE.split(), "-p", str(port)],
+        env=_child_env(registry),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: uvicorn is a grandchild
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_for_ping(url, server, time.monotonic() + 240)
+        images = [base64.b64encode(_png(image)).decode() for image in _images()]
+        body = {"dataframe_split": {"columns": ["image"], "data": [[text] for text in images]}}
+        request = urllib.request.Request(
+            f"{url}/invocations",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=120) as response:
+            predictions = json.loads(response.read())["predictions"]
+        masks = [decode_mask_png(row["mask"]) for row in predictions]
+        assert [mask.shape for mask in masks] == list(SIZES)
+        assert [(row["height"], row["width"]) for row in predictions] == list(SIZES)
+        assert max(int(mask.max()) for mask in masks) < len(CLASSES)
+    finally:
+        _stop(server)
+        log.close()
+
+
+def _stop(server: subprocess.Popen) -> None:
+    """Stop the server's whole process group (uvicorn runs as its child)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(server.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            server.wait(timeout=30)
+            return
+        except subprocess.TimeoutExpired:
+            continue

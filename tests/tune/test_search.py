@@ -1,0 +1,292 @@
+"""`segnext tune`: resource plan, reports, and one real search on a local Ray cluster.
+
+The slow tests share one 3-trial search on tiny synthetic shards (64x64, 1 worker per trial,
+10 iterations, one trial at a time so ASHA's decisions are reproducible):
+  trial 0  lr 2e-3   learns           -> completed
+  trial 1  lr 1e-7   does not learn   -> stopped early by ASHA at its first validation
+  trial 2  lr 1e4    diverges (NaN)   -> failed, the search goes on
+The search is interrupted (SIGINT, as Ctrl+C) once two trials have ended, then resumed by name:
+the resumed search must run only trial 2.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from ray import tune
+
+from pipelines.config import ConfigError, load_config
+from tune.search import (
+    COMPLETED,
+    FAILED,
+    SEARCH_TAG,
+    STATUS_TAG,
+    STOPPED,
+    TRIAL_TAG,
+    ResourcePlanError,
+    TrialOutcome,
+    _check_schedule,
+    params_figure,
+    plan_concurrency,
+    results_csv,
+    results_markdown,
+    trial_demand,
+)
+from tune.space import load_search_config
+
+SEARCH_YAML = """
+model: {{variant: tiny, classifier: integrated, drop_path_rate: 0.0}}
+data: {{root: {shards}, crop_size: [64, 64], ratio_range: [0.75, 1.5], stream_epochs: 10}}
+optim: {{lr: 2.0e-3}}
+schedule: {{iterations: 10, warmup_iters: 1}}
+train: {{global_batch_size: 8, log_every: 5, val_every: 5, checkpoint_every: 5, keep_best: 1,
+        max_failures: 0}}
+eval: {{batch_size: 8}}
+ray: {{num_workers: 1, cpus_per_worker: 0.5}}
+mlflow: {{tracking_uri: "sqlite:///{store}/mlflow.db", experiment: tune-test}}
+registry: {{name: tune-test}}
+run: {{storage_path: {store}/ray}}
+tune:
+  trials: 1
+  max_concurrent: 1
+  asha: {{grace_period: 1, reduction_factor: 2}}
+  space:
+    optim.lr: {{grid: [2.0e-3, 1.0e-7, 1.0e+4]}}
+"""
+
+
+# ---------------------------------------------------------------------------------- fast
+
+
+def _cfg(tmp_path: Path, *overrides: str):
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {root: /x, crop_size: [64, 64]}\ntrain: {global_batch_size: 8}\n")
+    return load_config(path, list(overrides))
+
+
+def test_trial_demand_counts_workers_read_task_and_driver(tmp_path: Path) -> None:
+    cfg = _cfg(
+        tmp_path,
+        "ray.num_workers=4",
+        "ray.cpus_per_worker=2",
+        "ray.use_gpu=true",
+        "data.read_cpus=0.5",
+    )
+    assert trial_demand(cfg) == pytest.approx({"CPU": 4 * 2 + 0.5 + 0.01, "GPU": 4.0})
+
+
+def test_plan_caps_concurrency_to_what_fits() -> None:
+    demand = {"CPU": 2.26, "GPU": 2.0}
+    cluster = {"CPU": 16.0, "GPU": 8.0, "memory": 1e11}
+    assert plan_concurrency(demand, cluster, requested=None, total=10) == 4  # GPU-bound
+    assert plan_concurrency(demand, cluster, requested=8, total=10) == 4
+    assert plan_concurrency(demand, cluster, requested=2, total=10) == 2
+    assert plan_concurrency(demand, cluster, requested=None, total=3) == 3
+
+
+def test_plan_fails_early_when_one_trial_does_not_fit() -> None:
+    with pytest.raises(ResourcePlanError) as error:
+        plan_concurrency({"CPU": 1.26, "GPU": 2.0}, {"CPU": 2.0}, requested=None, total=4)
+    message = str(error.value)
+    assert "GPU 2 (cluster: 0)" in message and "ray.num_workers" in message
+
+
+def test_grace_period_must_fit_in_the_schedule(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(SEARCH_YAML.format(shards="/x", store=tmp_path))
+    cfg, settings = load_search_config(path, ["tune.asha.grace_period=3"])
+    with pytest.raises(ConfigError, match="tune.asha.grace_period = 3 validations is 15"):
+        _check_schedule(cfg, settings)
+
+
+def test_reports_rank_trials_and_draw_one_panel_per_key(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        SEARCH_YAML.format(shards="/x", store=tmp_path)
+        + "    optim.weight_decay: {choice: [0.0, 0.01]}\n"
+    )
+    _, settings = load_search_config(path)
+    outcomes = [
+        TrialOutcome(
+            "t0",
+            "s-t0",
+            STOPPED,
+            {"optim.lr": 1e-7, "optim.weight_decay": 0.0},
+            best_val_miou=0.03,
+            iteration=5,
+        ),
+        TrialOutcome(
+            "t1",
+            "s-t1",
+            FAILED,
+            {"optim.lr": 1e4, "optim.weight_decay": 0.01},
+            error="FloatingPointError: loss is nan | inf",
+        ),
+        TrialOutcome(
+            "t2",
+            "s-t2",
+            COMPLETED,
+            {"optim.lr": 2e-3, "optim.weight_decay": 0.0},
+            best_val_miou=0.41,
+            iteration=10,
+            checkpoint="/c",
+        ),
+    ]
+    table = results_markdown(outcomes, settings).splitlines()
+    assert table[0] == (
+        "| trial | status | optim.lr | optim.weight_decay | best val mIoU | iteration | error |"
+    )
+    assert [row.split(" | ")[0] for row in table[2:]] == ["| t2", "| t0", "| t1"]
+    assert "loss is nan / inf" in table[4]  # a '|' would break the table
+    csv_rows = results_csv(outcomes, settings).splitlines()
+    assert csv_rows[1].startswith("t2,completed,0.002,0.0,0.410000,10,/c,")
+    figure = params_figure(outcomes, settings)
+    assert len(figure.axes) == 2
+    assert figure.axes[0].get_xscale() == "linear"  # grid values plot as they are
+    figure.savefig(tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 0
+
+
+# ---------------------------------------------------------------------------------- slow
+
+
+class InterruptAfter(tune.Callback):
+    """Sends SIGINT (Ctrl+C) once `count` trials have ended; Tune saves its state and stops.
+
+    Tune pickles its callbacks with the search and restores them on resume, so a marker file
+    makes it fire once.
+    """
+
+    def __init__(self, count: int, marker: Path) -> None:
+        self.count, self.marker, self.ended = count, marker, 0
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._ended()
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._ended()
+
+    def _ended(self) -> None:
+        self.ended += 1
+        if self.ended >= self.count and not self.marker.exists():
+            self.marker.write_text("interrupted\n")
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.fixture(scope="module")
+def search(tmp_path_factory: pytest.TempPathFactory):
+    """Run the 3-trial search, interrupt it after two trials, resume it; return both runs."""
+    import ray
+
+    from data.shards import write_shards
+    from data.sources import Synthetic
+    from pipelines.train import WORKER_ENV
+    from tune.search import run_search
+
+    tmp = tmp_path_factory.mktemp("tune")
+    shards = tmp / "shards"
+    write_shards(Synthetic(num_train=32, num_val=8, size=(64, 64), seed=0), shards, shard_size=16)
+    path = tmp / "search.yaml"
+    path.write_text(SEARCH_YAML.format(shards=shards, store=tmp))
+    cfg, settings = load_search_config(path)
+    ray.init(
+        num_cpus=2,
+        logging_level="WARNING",
+        log_to_driver=False,
+        runtime_env={"env_vars": WORKER_ENV},
+    )
+    try:
+        first = run_search(
+            cfg, settings, name="s", callbacks=[InterruptAfter(2, tmp / "interrupted.marker")]
+        )
+        before = _progress_rows(first)
+        second = run_search(cfg, settings, name="s", resume=True)
+    finally:
+        ray.shutdown()
+    return {"first": first, "second": second, "before": before, "cfg": cfg}
+
+
+def _progress_rows(summary) -> dict[str, int]:
+    """Rows in each trial's Tune progress.csv: a rerun trial would add rows."""
+    rows = {}
+    for outcome in summary.outcomes:
+        progress = Path(summary.path) / f"trial_{outcome.trial_id}" / "progress.csv"
+        rows[outcome.trial_id] = len(progress.read_text().splitlines()) if progress.exists() else 0
+    return rows
+
+
+def _by_lr(summary) -> dict[float, TrialOutcome]:
+    return {o.params["optim.lr"]: o for o in summary.outcomes}
+
+
+@pytest.mark.slow
+def test_asha_stops_a_trial_and_a_diverging_trial_fails(search) -> None:
+    second = search["second"]
+    assert not second.interrupted
+    by_lr = _by_lr(second)
+    assert sorted(by_lr) == [1e-7, 2e-3, 1e4]
+    assert by_lr[2e-3].status == COMPLETED and by_lr[2e-3].iteration == 10
+    assert by_lr[1e-7].status == STOPPED and by_lr[1e-7].iteration == 5
+    assert by_lr[1e4].status == FAILED
+    assert "nan" in by_lr[1e4].error.lower(), by_lr[1e4].error
+    assert second.best is by_lr[2e-3]
+    assert second.best.checkpoint and Path(second.best.checkpoint).is_dir()
+
+
+@pytest.mark.slow
+def test_resume_runs_only_the_missing_trials(search) -> None:
+    first, second = search["first"], search["second"]
+    assert first.interrupted
+    ended_before = {
+        o.trial_id: o.status for o in first.outcomes if o.status in (COMPLETED, STOPPED, FAILED)
+    }
+    assert len(ended_before) == 2
+    assert {
+        o.trial_id: o.status for o in second.outcomes if o.trial_id in ended_before
+    } == ended_before
+    after = _progress_rows(second)
+    for trial_id in ended_before:  # not one more report: they did not run again
+        assert after[trial_id] == search["before"][trial_id] > 0
+    train_runs = sorted(p.name for p in (Path(second.path) / "train").iterdir())
+    assert train_runs == sorted(f"s-{o.trial_id}" for o in second.outcomes)
+
+
+@pytest.mark.slow
+def test_mlflow_holds_parent_nested_runs_and_the_registered_best(search) -> None:
+    from mlflow.tracking import MlflowClient
+
+    second, cfg = search["second"], search["cfg"]
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    parent = client.get_run(second.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags[STATUS_TAG] == COMPLETED
+    assert parent.data.params["tune.space.optim.lr"] == "grid(0.002, 1e-07, 10000.0)"
+    assert parent.data.metrics["trials/stopped_early"] == 1
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "tune")}
+    assert artifacts == {"tune/results.csv", "tune/results.md", "tune/val_mIoU_vs_params.png"}
+
+    experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
+    nested = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`{SEARCH_TAG}` = 's' and "
+        f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+    )
+    by_trial: dict[str, list] = {}
+    for run in nested:
+        by_trial.setdefault(run.data.tags[TRIAL_TAG], []).append(run)
+    assert sorted(by_trial) == sorted(o.trial_id for o in second.outcomes)
+    for outcome in second.outcomes:  # one run per trial, even across the resume
+        (run,) = by_trial[outcome.trial_id]
+        assert run.data.tags[STATUS_TAG] == outcome.status
+        expected = {COMPLETED: "FINISHED", STOPPED: "KILLED", FAILED: "FAILED"}[outcome.status]
+        assert run.info.status == expected
+    best_run = by_trial[second.best.trial_id][0]
+    assert best_run.data.params["optim.lr"] == "0.002"
+    assert "val/mIoU" in best_run.data.metrics
+
+    version = client.get_model_version_by_alias(cfg.registry.name, "champion")
+    assert str(version.version) == second.registered_version
+    assert version.run_id == second.best.mlflow_run_id

@@ -1,0 +1,771 @@
+"""`segnext tune`: an ASHA hyper-parameter search in which every trial is a Ray Train run.
+
+How a search runs:
+- The driver validates the config and the search space, reads the shards' manifest and
+  dry-builds the model (`pipelines.train.prepare`), then checks the resource plan: one trial
+  needs `ray.num_workers` workers plus a read task and a tiny trial driver; a search that
+  cannot place one trial fails here, and `max_concurrent` is capped to what the cluster holds
+  at once. Only then does it create the MLflow parent run (and the store, before any worker).
+- Each trial is a function trainable holding 0.01 CPU that calls `run_training` with Tune's
+  `TuneReportCallback`: the Train workers (placed by Ray Train, on GPUs when `ray.use_gpu`)
+  report `val/mIoU` and `iteration` at each validation, which Tune forwards to ASHA. Trials
+  run in parallel across the cluster's workers, up to the planned concurrency.
+- ASHA stops trials below the rung cutoff after `tune.asha.grace_period` validations. A trial
+  whose training raises (divergence, a crashed worker beyond `train.max_failures`) is marked
+  failed and the search goes on.
+- Afterwards each trial's nested MLflow run gets its status tag (completed, stopped early,
+  failed) and the parent run the results table (CSV + markdown) and a picture of val mIoU
+  against each searched value. The best trial's best checkpoint is registered; the champion
+  alias moves only when it beats the current champion.
+- `--resume NAME` continues an interrupted search (`Tuner.restore`): finished trials are kept,
+  unfinished ones continue from their last Train checkpoint, missing ones are started. ASHA's
+  rung records start afresh after a restore (Tune does not save the scheduler's state).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import re
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipelines.config import ConfigError, ExperimentConfig, to_flat_dict, with_overrides
+from tune.space import SearchSettings, load_search_config
+
+SCORE = "val/mIoU"
+TIME_ATTR = "iteration"  # the train iteration reported with each validation
+TRIAL_DRIVER_CPU = 0.01  # the trial only waits on its Train run; 0 is rejected by Tune
+MAX_ERROR_CHARS = 200
+_EXCEPTION_LINE = re.compile(r"^[\w.]+(Error|Exception|Interrupt|Exit)(\(\w+\))?: ")
+
+COMPLETED, STOPPED, FAILED = "completed", "stopped early", "failed"
+INTERRUPTED, PENDING = "interrupted", "not started"
+MLFLOW_STATUS = {COMPLETED: "FINISHED", STOPPED: "KILLED", FAILED: "FAILED", INTERRUPTED: "KILLED"}
+
+SEARCH_TAG = "segnext.tune.search"
+TRIAL_TAG = "segnext.tune.trial_id"
+STATUS_TAG = "segnext.tune.status"
+ROLE_TAG = "segnext.tune.role"
+
+
+class ResourcePlanError(ConfigError):
+    """The cluster cannot hold even one trial."""
+
+
+@dataclass
+class TrialOutcome:
+    trial_id: str
+    run_name: str
+    status: str
+    params: dict[str, Any]
+    best_val_miou: float | None = None
+    iteration: int = 0  # last reported train iteration
+    checkpoint: str | None = None  # the trial's best checkpoint still on disk
+    checkpoint_miou: float | None = None
+    error: str | None = None
+    mlflow_run_id: str | None = None
+
+
+@dataclass
+class SearchSummary:
+    name: str
+    path: str  # the Tune experiment folder
+    parent_run_id: str
+    outcomes: list[TrialOutcome]
+    interrupted: bool
+    best: TrialOutcome | None = None
+    registered_version: str | None = None
+    wall_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------- CLI
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "tune",
+        help="hyper-parameter search (Ray Tune + ASHA) over Ray Train runs, tracked in MLflow",
+        description="Search the `tune.space` of a config with ASHA: each trial is a Ray Train "
+        "run, a nested MLflow run under one parent run; the best checkpoint is registered. "
+        "Overrides are dotted keys; tune.* keys change the search (tune.asha.grace_period=2).",
+    )
+    parser.add_argument("--config", required=True, help="YAML config with a tune: section")
+    parser.add_argument("--trials", type=int, help="samples to draw (default: tune.trials)")
+    parser.add_argument(
+        "--max-concurrent",
+        type=int,
+        help="trials at once (default: tune.max_concurrent, else what fits)",
+    )
+    parser.add_argument("--search", choices=("random", "optuna"), help="default: tune.search")
+    parser.add_argument("--resume", metavar="NAME", help="continue the interrupted search NAME")
+    parser.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="with --resume: run failed trials again from their last checkpoint",
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, parsed as YAML values"
+    )
+    parser.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    for flag, key in (
+        ("trials", "trials"),
+        ("max_concurrent", "max_concurrent"),
+        ("search", "search"),
+    ):
+        if getattr(args, flag) is not None:
+            overrides.append(f"tune.{key}={getattr(args, flag)}")
+    try:
+        if args.retry_failed and not args.resume:
+            raise ConfigError("--retry-failed only applies with --resume NAME")
+        cfg, settings = load_search_config(args.config, overrides)
+        name = (
+            args.resume
+            or cfg.run.name
+            or (f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+        )
+        summary = run_search(
+            cfg, settings, name=name, resume=bool(args.resume), retry_failed=args.retry_failed
+        )
+    except ConfigError as error:
+        print(f"segnext tune: configuration error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        _shutdown_ray()  # workers' late log lines would otherwise interleave with the table
+    resume = shlex.join(
+        ["segnext", "tune", "--config", args.config, "--resume", name, *args.overrides]
+    )
+    print(format_summary(summary, settings, resume_command=resume))
+    if summary.interrupted:
+        return 130
+    return 0 if summary.best is not None else 1
+
+
+# ---------------------------------------------------------------------------------- API
+
+
+def run_search(
+    cfg: ExperimentConfig,
+    settings: SearchSettings,
+    *,
+    name: str,
+    resume: bool = False,
+    retry_failed: bool = False,
+    callbacks: list | None = None,
+) -> SearchSummary:
+    """Run (or continue) search `name`; `callbacks` are extra `ray.tune.Callback`s."""
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+
+    from pipelines import tracking
+    from pipelines.train import prepare
+
+    start = time.perf_counter()
+    cfg = prepare(cfg).cfg  # every config/data/model error now, with absolute paths
+    _check_schedule(cfg, settings)
+    storage = cfg.run.storage_path
+    path = f"{storage}/{name}"
+    if resume and not tune.Tuner.can_restore(path):
+        raise ConfigError(
+            f"--resume {name}: no search state in {path}; pass the name of a "
+            f"search under run.storage_path ({storage})"
+        )
+    if not resume and Path(path).exists():
+        raise ConfigError(
+            f"search {name} already exists in {storage}; continue it with "
+            f"--resume {name} or choose another run.name"
+        )
+
+    _init_ray(cfg)
+    notes: list[str] = []
+    concurrency = _plan(cfg, settings, notes)  # a search that cannot run ends here
+    # The MLflow store and experiment are created here, in the driver, before any worker.
+    tracking_uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
+    experiment_id = tracking.ensure_experiment(tracking_uri, cfg.mlflow.experiment)
+    client = MlflowClient(tracking_uri)
+    parent_run_id = _open_parent_run(client, experiment_id, cfg, settings, name, resume=resume)
+    try:
+        tuner = _build_tuner(
+            cfg,
+            settings,
+            name=name,
+            parent_run_id=parent_run_id,
+            concurrency=concurrency,
+            resume=resume,
+            retry_failed=retry_failed,
+            callbacks=callbacks or [],
+        )
+        tuner.fit()
+        outcomes = collect_outcomes(path, name=name, iterations=cfg.schedule.iterations)
+    except BaseException:
+        client.set_terminated(parent_run_id, status="FAILED")
+        raise
+    interrupted = len(outcomes) < settings.total_trials or any(
+        o.status in (INTERRUPTED, PENDING) for o in outcomes
+    )
+    summary = SearchSummary(
+        name=name,
+        path=path,
+        parent_run_id=parent_run_id,
+        outcomes=outcomes,
+        interrupted=interrupted,
+        notes=notes,
+    )
+    _record_trials(client, experiment_id, summary)
+    summary.best = best_trial(outcomes)
+    if not interrupted and summary.best is not None and cfg.registry.register:
+        _register_best(summary, cfg, tracking_uri)
+    summary.wall_s = time.perf_counter() - start
+    _record_parent(client, summary, settings)
+    return summary
+
+
+def _register_best(summary: SearchSummary, cfg: ExperimentConfig, tracking_uri: str) -> None:
+    """Register the best checkpoint; a registry failure is reported, not fatal: the search's
+    results stay recorded and the checkpoint can be registered later (`segnext register`)."""
+    from pipelines.registry import register_checkpoint
+
+    best = summary.best
+    try:
+        version = register_checkpoint(
+            best.checkpoint,
+            run_id=best.mlflow_run_id,
+            registry_name=cfg.registry.name,
+            tracking_uri=tracking_uri,
+        )
+    except Exception as error:  # any registry error: keep the search results
+        summary.notes.append(f"registering {best.checkpoint} failed: {error}")
+        return
+    summary.registered_version = str(version.version)
+
+
+def trial_run_name(search: str, trial_id: str) -> str:
+    """The Ray Train run (and MLflow run) name of one trial."""
+    return f"{search}-{trial_id}"
+
+
+def _run_trial(
+    params: dict[str, Any],
+    *,
+    base: ExperimentConfig,
+    search: str,
+    storage_path: str,
+    parent_run_id: str,
+) -> None:
+    """The function trainable: one Ray Train run whose reports Tune forwards to ASHA."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipelines.train import run_training
+
+    trial_id = tune.get_context().get_trial_id()
+    # The search registers its best checkpoint once; trials must not register their own.
+    cfg = with_overrides(base, {**params, "registry.register": False})
+    run_training(
+        cfg,
+        run_name=trial_run_name(search, trial_id),
+        storage_path=storage_path,
+        callbacks=[TuneReportCallback()],
+        mlflow_parent_run_id=parent_run_id,
+        mlflow_run_tags={SEARCH_TAG: search, TRIAL_TAG: trial_id, ROLE_TAG: "trial"},
+    )
+
+
+def _trial_dirname(trial: Any) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+# ---------------------------------------------------------------------------------- planning
+
+
+def _check_schedule(cfg: ExperimentConfig, settings: SearchSettings) -> None:
+    grace = settings.asha.grace_period * cfg.train.val_every
+    if grace > cfg.schedule.iterations:
+        raise ConfigError(
+            f"tune.asha.grace_period = {settings.asha.grace_period} validations is "
+            f"{grace} iterations, beyond schedule.iterations ({cfg.schedule.iterations}); "
+            "lower it or train.val_every so ASHA can compare trials before they end"
+        )
+
+
+def trial_demand(cfg: ExperimentConfig) -> dict[str, float]:
+    """Resources one trial holds: its Train workers, one data read task, the trial driver."""
+    worker = {"CPU": cfg.ray.cpus_per_worker, **cfg.ray.resources_per_worker}
+    if cfg.ray.use_gpu:
+        worker.setdefault("GPU", 1.0)
+    demand = {key: value * cfg.ray.num_workers for key, value in worker.items() if value > 0}
+    demand["CPU"] = demand.get("CPU", 0.0) + cfg.data.read_cpus + TRIAL_DRIVER_CPU
+    return demand
+
+
+def plan_concurrency(
+    demand: dict[str, float], cluster: dict[str, float], requested: int | None, total: int
+) -> int:
+    """Trials that fit at once (<= requested and total); ResourcePlanError when none does."""
+    fits = min(math.floor(cluster.get(key, 0.0) / need + 1e-9) for key, need in demand.items())
+    if fits < 1:
+        short = ", ".join(
+            f"{key} {need:g} (cluster: {cluster.get(key, 0.0):g})"
+            for key, need in demand.items()
+            if cluster.get(key, 0.0) < need
+        )
+        raise ResourcePlanError(
+            f"one trial needs {_format_resources(demand)} but the cluster cannot hold it: "
+            f"short of {short}. Lower ray.num_workers, ray.cpus_per_worker or "
+            "ray.resources_per_worker, set ray.use_gpu=false, add nodes, or (autoscaling "
+            "cluster) set tune.capacity to what it grows to"
+        )
+    return min(fits, requested or fits, total)
+
+
+def _plan(cfg: ExperimentConfig, settings: SearchSettings, notes: list[str]) -> int:
+    import ray
+
+    demand = trial_demand(cfg)
+    cluster = {key: float(value) for key, value in ray.cluster_resources().items()}
+    for key, value in (settings.capacity or {}).items():
+        cluster[key] = max(cluster.get(key, 0.0), value)
+    concurrency = plan_concurrency(demand, cluster, settings.max_concurrent, settings.total_trials)
+    plan = [
+        f"plan: {settings.total_trials} trials, each {cfg.ray.num_workers} worker(s), "
+        f"{_format_resources(demand)} per trial; cluster {_format_resources(cluster, demand)}; "
+        f"{concurrency} at once"
+    ]
+    if settings.max_concurrent and concurrency < settings.max_concurrent:
+        plan.append(
+            f"max_concurrent {settings.max_concurrent} capped to {concurrency}: "
+            "the cluster holds no more trials at once"
+        )
+    for line in plan:
+        print(f"[segnext tune] {line}", flush=True)
+    notes.extend(plan)
+    return concurrency
+
+
+def _format_resources(resources: dict[str, float], keys: dict | None = None) -> str:
+    shown = keys if keys is not None else resources
+    return "{" + ", ".join(f"{key}: {resources.get(key, 0.0):g}" for key in shown) + "}"
+
+
+def _init_ray(cfg: ExperimentConfig) -> None:
+    import os
+
+    import ray
+
+    from pipelines.train import WORKER_ENV
+
+    for key, value in WORKER_ENV.items():
+        os.environ.setdefault(key, value)
+    if not ray.is_initialized():
+        ray.init(
+            address=cfg.ray.address, logging_level="WARNING", runtime_env={"env_vars": WORKER_ENV}
+        )
+
+
+def _shutdown_ray() -> None:
+    """Disconnect (and stop a cluster this process started); a no-op without Ray."""
+    if "ray" in sys.modules:
+        import ray
+
+        ray.shutdown()
+
+
+def _build_tuner(
+    cfg: ExperimentConfig,
+    settings: SearchSettings,
+    *,
+    name: str,
+    parent_run_id: str,
+    concurrency: int,
+    resume: bool,
+    retry_failed: bool,
+    callbacks: list,
+):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    storage = cfg.run.storage_path
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            _run_trial,
+            base=cfg,
+            search=name,
+            storage_path=f"{storage}/{name}/train",
+            parent_run_id=parent_run_id,
+        ),
+        {"CPU": TRIAL_DRIVER_CPU},
+    )
+    if resume:
+        return tune.Tuner.restore(
+            f"{storage}/{name}", trainable, resume_errored=retry_failed, restart_errored=False
+        )
+    scheduler = ASHAScheduler(
+        time_attr=TIME_ATTR,
+        max_t=cfg.schedule.iterations,
+        grace_period=settings.asha.grace_period * cfg.train.val_every,
+        reduction_factor=settings.asha.reduction_factor,
+    )
+    return tune.Tuner(
+        trainable,
+        param_space=settings.param_space(),
+        tune_config=tune.TuneConfig(
+            metric=SCORE,
+            mode="max",
+            num_samples=settings.trials,
+            search_alg=_search_algorithm(settings, concurrency),
+            scheduler=scheduler,
+            trial_dirname_creator=_trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=tune.FailureConfig(max_failures=0),  # a failed trial stays failed
+            callbacks=callbacks,
+            verbose=1,
+        ),
+    )
+
+
+def _search_algorithm(settings: SearchSettings, concurrency: int):
+    """Random or Optuna search, limited to `concurrency` live trials.
+
+    (`TuneConfig.max_concurrent_trials` is ignored for the random generator, so each search
+    algorithm gets its own limit here.)
+    """
+    if settings.search == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        return ConcurrencyLimiter(OptunaSearch(seed=settings.seed), max_concurrent=concurrency)
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=settings.seed, max_concurrent=concurrency)
+
+
+# ---------------------------------------------------------------------------------- outcomes
+
+
+def collect_outcomes(path: str, *, name: str, iterations: int) -> list[TrialOutcome]:
+    """Every trial of the search at `path`, with its status, best score and best checkpoint."""
+    from ray.tune import ExperimentAnalysis
+    from ray.tune.experiment import Trial
+
+    analysis = ExperimentAnalysis(path)
+    outcomes = []
+    for trial in sorted(analysis.trials, key=lambda t: t.trial_id):
+        frame = analysis.trial_dataframes.get(trial.trial_id)
+        rows = [] if frame is None or SCORE not in frame else frame.to_dict("records")
+        scores = [row[SCORE] for row in rows if _finite(row.get(SCORE))]
+        iteration = max(
+            (int(row[TIME_ATTR]) for row in rows if _finite(row.get(TIME_ATTR))), default=0
+        )
+        if trial.status == Trial.ERROR:
+            status = FAILED
+        elif trial.status == Trial.TERMINATED:
+            status = COMPLETED if iteration >= iterations else STOPPED
+        else:
+            status = INTERRUPTED if rows else PENDING
+        checkpoint, checkpoint_miou = _best_checkpoint(rows)
+        outcomes.append(
+            TrialOutcome(
+                trial_id=trial.trial_id,
+                run_name=trial_run_name(name, trial.trial_id),
+                status=status,
+                params=dict(trial.config),
+                best_val_miou=max(scores) if scores else None,
+                iteration=iteration,
+                checkpoint=checkpoint,
+                checkpoint_miou=checkpoint_miou,
+                error=_error_line(trial) if status == FAILED else None,
+            )
+        )
+    return outcomes
+
+
+def best_trial(outcomes: list[TrialOutcome]) -> TrialOutcome | None:
+    """The finished (completed or stopped) trial with the best checkpointed val mIoU."""
+    candidates = [o for o in outcomes if o.status in (COMPLETED, STOPPED) and o.checkpoint]
+    return max(candidates, key=lambda o: o.checkpoint_miou, default=None)
+
+
+def _best_checkpoint(rows: list[dict[str, Any]]) -> tuple[str | None, float | None]:
+    """Train keeps the best checkpoints by val mIoU; pick the best one still on disk."""
+    saved = [
+        row
+        for row in rows
+        if isinstance(row.get("checkpoint_path"), str)
+        and _finite(row.get(SCORE))
+        and _may_exist(row["checkpoint_path"])
+    ]
+    if not saved:
+        return None, None
+    row = max(saved, key=lambda r: r[SCORE])
+    return row["checkpoint_path"], float(row[SCORE])
+
+
+def _may_exist(path: str) -> bool:
+    """Local checkpoints are checked (Train deletes all but the best K); remote ones trusted."""
+    return "://" in path or Path(path).is_dir()
+
+
+def _error_line(trial: Any) -> str:
+    """The root exception line of a failed trial, e.g. `FloatingPointError: loss is nan`.
+
+    Tune wraps the Train error (`WorkerGroupError` holds each rank's exception) in Ray task
+    errors; the user's exception is the last line naming an exception outside `ray.*`.
+    """
+    error = trial.get_pickled_error() or trial.get_error()
+    if error is None:
+        return "unknown error"
+    failures = getattr(getattr(error, "cause", error), "worker_failures", None)
+    root = failures[min(failures)] if failures else error
+    lines = [line.strip() for line in str(root).splitlines() if line.strip()]
+    raised = [line for line in lines if _EXCEPTION_LINE.match(line)]
+    own = [line for line in raised if not line.startswith("ray.")]
+    if own:
+        line = own[-1]
+    elif not type(root).__module__.startswith("ray."):  # the user's exception itself
+        line = f"{type(root).__name__}: {lines[0] if lines else ''}"
+    else:
+        line = (raised or [type(root).__name__])[-1]
+    return line if len(line) <= MAX_ERROR_CHARS else line[: MAX_ERROR_CHARS - 3] + "..."
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+# ---------------------------------------------------------------------------------- MLflow
+
+
+def _open_parent_run(client, experiment_id, cfg, settings, name: str, *, resume: bool) -> str:
+    """The search's parent run: found again on --resume, else created with the search params."""
+    from pipelines import tracking
+
+    if resume:
+        run_id = tracking.find_run(client, experiment_id, name)
+        if run_id is not None:
+            client.update_run(run_id, status="RUNNING")
+            return run_id
+    run_id = tracking.start_run(
+        client,
+        experiment_id,
+        ray_run_name=name,
+        tags={
+            SEARCH_TAG: name,
+            ROLE_TAG: "search",
+            "mlflow.source.git.commit": tracking.git_commit(),
+        },
+    )
+    searched = set(settings.space)
+    params = {key: value for key, value in to_flat_dict(cfg).items() if key not in searched}
+    params.update(
+        {
+            "tune.trials": settings.trials,
+            "tune.search": settings.search,
+            "tune.seed": settings.seed,
+            "tune.max_concurrent": settings.max_concurrent,
+            "tune.asha.grace_period": settings.asha.grace_period,
+            "tune.asha.reduction_factor": settings.asha.reduction_factor,
+            **{f"tune.space.{key}": dim.describe() for key, dim in settings.space.items()},
+        }
+    )
+    tracking.log_params(client, run_id, params)
+    return run_id
+
+
+def _record_trials(client, experiment_id: str, summary: SearchSummary) -> None:
+    """Status tag and end state on each trial's nested run (created here if the trial died
+    before opening one)."""
+    from pipelines import tracking
+
+    for outcome in summary.outcomes:
+        if outcome.status == PENDING:
+            continue
+        run_id = tracking.find_run(client, experiment_id, outcome.run_name)
+        if run_id is None:
+            run_id = tracking.start_run(
+                client,
+                experiment_id,
+                ray_run_name=outcome.run_name,
+                tags={SEARCH_TAG: summary.name, TRIAL_TAG: outcome.trial_id, ROLE_TAG: "trial"},
+                parent_run_id=summary.parent_run_id,
+            )
+            tracking.log_params(client, run_id, outcome.params)
+        tags = {STATUS_TAG: outcome.status}
+        if outcome.error:
+            tags["segnext.tune.error"] = outcome.error
+        tracking.set_tags(client, run_id, tags)
+        if outcome.best_val_miou is not None:
+            client.log_metric(run_id, "tune/best_val_mIoU", outcome.best_val_miou)
+        client.set_terminated(run_id, status=MLFLOW_STATUS[outcome.status])
+        outcome.mlflow_run_id = run_id
+
+
+def _record_parent(client, summary: SearchSummary, settings: SearchSettings) -> None:
+    from pipelines import tracking
+
+    run_id = summary.parent_run_id
+    counts = {
+        status: sum(o.status == status for o in summary.outcomes)
+        for status in (COMPLETED, STOPPED, FAILED)
+    }
+    for status, count in counts.items():
+        client.log_metric(run_id, f"trials/{status.replace(' ', '_')}", count)
+    client.log_metric(run_id, "search/wall_s", summary.wall_s)
+    tags = {STATUS_TAG: INTERRUPTED if summary.interrupted else COMPLETED}
+    if summary.best is not None:
+        client.log_metric(run_id, "best/val_mIoU", summary.best.checkpoint_miou)
+        tags.update(
+            {"best_trial": summary.best.trial_id, "best_checkpoint": summary.best.checkpoint}
+        )
+    if summary.registered_version is not None:
+        tags["registered_version"] = summary.registered_version
+    tracking.set_tags(client, run_id, tags)
+    client.log_text(run_id, results_csv(summary.outcomes, settings), "tune/results.csv")
+    client.log_text(run_id, results_markdown(summary.outcomes, settings), "tune/results.md")
+    figure = params_figure(summary.outcomes, settings)
+    client.log_figure(run_id, figure, "tune/val_mIoU_vs_params.png")
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+    client.set_terminated(run_id, status="KILLED" if summary.interrupted else "FINISHED")
+
+
+# ---------------------------------------------------------------------------------- reports
+
+
+def _columns(settings: SearchSettings, outcomes: list[TrialOutcome]) -> list[str]:
+    keys = list(settings.space)
+    for outcome in outcomes:  # a resumed search may carry keys the YAML no longer has
+        keys += [key for key in outcome.params if key not in keys]
+    return keys
+
+
+def _ranked(outcomes: list[TrialOutcome]) -> list[TrialOutcome]:
+    return sorted(
+        outcomes,
+        key=lambda o: -math.inf if o.best_val_miou is None else o.best_val_miou,
+        reverse=True,
+    )
+
+
+def results_csv(outcomes: list[TrialOutcome], settings: SearchSettings) -> str:
+    keys = _columns(settings, outcomes)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["trial", "status", *keys, "best_val_mIoU", "iteration", "checkpoint", "error"])
+    for o in _ranked(outcomes):
+        writer.writerow(
+            [
+                o.trial_id,
+                o.status,
+                *(o.params.get(k, "") for k in keys),
+                "" if o.best_val_miou is None else f"{o.best_val_miou:.6f}",
+                o.iteration,
+                o.checkpoint or "",
+                o.error or "",
+            ]
+        )
+    return buffer.getvalue()
+
+
+def results_markdown(outcomes: list[TrialOutcome], settings: SearchSettings) -> str:
+    keys = _columns(settings, outcomes)
+    header = ["trial", "status", *keys, "best val mIoU", "iteration", "error"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for o in _ranked(outcomes):
+        cells = [
+            o.trial_id,
+            o.status,
+            *(_cell(o.params.get(k, "")) for k in keys),
+            "-" if o.best_val_miou is None else f"{o.best_val_miou:.4f}",
+            str(o.iteration),
+            (o.error or "").replace("|", "/"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def params_figure(outcomes: list[TrialOutcome], settings: SearchSettings):
+    """One scatter per searched key: best val mIoU against the trial's value, coloured by status
+    (failed trials without a score sit at 0 as crosses)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = _columns(settings, outcomes)
+    colors = {
+        COMPLETED: "tab:green",
+        STOPPED: "tab:orange",
+        FAILED: "tab:red",
+        INTERRUPTED: "tab:gray",
+    }
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        shown = [o for o in outcomes if key in o.params and o.status in colors]
+        values = [o.params[key] for o in shown]
+        numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+        labels = sorted({str(v) for v in values})
+        for status, color in colors.items():
+            points = [
+                (
+                    o.params[key] if numeric else labels.index(str(o.params[key])),
+                    o.best_val_miou if o.best_val_miou is not None else 0.0,
+                )
+                for o in shown
+                if o.status == status
+            ]
+            if points:
+                xs, ys = zip(*points, strict=True)
+                ax.scatter(xs, ys, c=color, label=status, marker="x" if status == FAILED else "o")
+        dim = settings.space.get(key)
+        if numeric and dim is not None and dim.log_scale:
+            ax.set_xscale("log")
+        if not numeric:
+            ax.set_xticks(range(len(labels)), labels, rotation=30, fontsize=7)
+        ax.set_xlabel(key)
+        ax.set_ylabel("best val mIoU")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("val mIoU per trial against each searched value")
+    fig.tight_layout()
+    return fig
+
+
+def format_summary(summary: SearchSummary, settings: SearchSettings, *, resume_command: str) -> str:
+    lines = [
+        f"search {summary.name}: {len(summary.outcomes)} trial(s) in {summary.wall_s:.0f}s",
+        *summary.notes,
+        "",
+        results_markdown(summary.outcomes, settings),
+    ]
+    if summary.best is not None:
+        lines.append(
+            f"best trial   {summary.best.trial_id}: val mIoU "
+            f"{summary.best.checkpoint_miou:.4f} ({summary.best.checkpoint})"
+        )
+    if summary.registered_version is not None:
+        lines.append(f"registered   version {summary.registered_version}")
+    lines += [f"Tune folder  {summary.path}", f"MLflow run   {summary.parent_run_id} (parent)"]
+    if summary.interrupted:
+        lines.append(f"interrupted; continue with:  {resume_command}")
+    elif summary.best is None:
+        lines.append("no trial finished: see the error column")
+    return "\n".join(lines)
