@@ -196,6 +196,7 @@ class _Runner:
                 )
 
     def _step(self, batches: Iterator[dict[str, torch.Tensor]]) -> None:
+        """One optimizer step over `grad_accumulation` micro-batches (DDP syncs on the last)."""
         accumulation = self.cfg.grad_accumulation
         step_start = time.perf_counter()
         for micro in range(accumulation):
@@ -218,9 +219,9 @@ class _Runner:
                     f"{self.rank}: the run diverged; lower optim.lr or check the data"
                 )
             self.window["loss"] += value / accumulation
-            for name, value in parts.items():
+            for name, part in parts.items():
                 self.window["parts"][name] = (
-                    self.window["parts"].get(name, 0.0) + float(value) / accumulation
+                    self.window["parts"].get(name, 0.0) + float(part) / accumulation
                 )
             self.window["images"] += images.shape[0]
         self.optimizer.step()
