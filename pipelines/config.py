@@ -157,6 +157,15 @@ class ExperimentConfig:
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read a YAML config, apply `section.key=value` overrides, and validate the result."""
+    raw = read_yaml_mapping(path)
+    for item in overrides or []:
+        key, value = parse_override(item)
+        set_dotted(raw, key, value)
+    return config_from_dict(raw, source=str(path))
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """The top-level mapping of a YAML config file, or a ConfigError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass an existing YAML file")
@@ -166,10 +175,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
         raise ConfigError(f"{path}: not valid YAML: {error}") from error
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    for item in overrides or []:
-        key, value = parse_override(item)
-        _set_dotted(raw, key, value)
-    return config_from_dict(raw, source=str(path))
+    return raw
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -188,7 +194,7 @@ def with_overrides(cfg: ExperimentConfig, values: dict[str, Any]) -> ExperimentC
     """A validated copy of `cfg` with dotted keys replaced (used by search spaces)."""
     raw = to_dict(cfg)
     for key, value in values.items():
-        _set_dotted(raw, key, value)
+        set_dotted(raw, key, value)
     return config_from_dict(raw, source="overrides")
 
 
@@ -199,7 +205,7 @@ def config_from_dict(raw: dict[str, Any], *, source: str = "<dict>") -> Experime
     return cfg
 
 
-def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     node = raw
     parts = key.split(".")
     for part in parts[:-1]:

@@ -31,14 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from pipelines.config import (
     ConfigError,
     ExperimentConfig,
-    _set_dotted,
     config_from_dict,
     parse_override,
+    read_yaml_mapping,
+    set_dotted,
     with_overrides,
 )
 
@@ -125,15 +124,7 @@ def load_search_config(
     `tune.space.optim.lr={choice: [1e-3]}` replaces one dimension; other overrides are ordinary
     config overrides (`schedule.iterations=100`).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; pass an existing YAML file")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from error
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    raw = read_yaml_mapping(path)
     section = raw.pop("tune", None)
     if section is None:
         raise ConfigError(f"{path}: no `tune:` section; add one with a `space:` to search")
@@ -147,9 +138,9 @@ def load_search_config(
         if key.startswith("tune.space."):
             section["space"][key.removeprefix("tune.space.")] = value
         elif key.startswith("tune."):
-            _set_dotted(section, key.removeprefix("tune."), value)
+            set_dotted(section, key.removeprefix("tune."), value)
         else:
-            _set_dotted(raw, key, value)
+            set_dotted(raw, key, value)
     cfg = config_from_dict(raw, source=str(path))
     return cfg, parse_search_settings(section, cfg, source=str(path))
 
