@@ -80,6 +80,7 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast, on GPU only
     channels_last: bool = False
     compile: bool = False
+    fused_msca: bool = False  # fused Triton MSCA strip convs (segnext.fast); GPU speed unmeasured
     log_every: int = 50
     val_every: int = 2000
     checkpoint_every: int = 2000

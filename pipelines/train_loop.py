@@ -31,6 +31,7 @@ from pipelines import tracking
 from pipelines.checkpoint import load_checkpoint, model_overrides, save_checkpoint
 from pipelines.config import ExperimentConfig, config_from_dict, to_flat_dict
 from pipelines.optim import RecipeSchedule, build_optimizer
+from segnext.fast import apply_fast_path
 
 # Depth-wise conv weight gradients differ from their parameters only in the stride of a size-1
 # dimension; DDP still flags it although the layouts are equivalent.
@@ -110,9 +111,12 @@ def build_model(cfg: ExperimentConfig, num_classes: int) -> segnext.SegNeXt:
     overrides = model_overrides(cfg.model.classifier_kwargs, cfg.model.nmf)
     if cfg.model.drop_path_rate is not None:
         overrides["drop_path_rate"] = cfg.model.drop_path_rate
-    return segnext.create_model(
+    model = segnext.create_model(
         cfg.model.variant, num_classes, classifier=cfg.model.classifier, **overrides
     )
+    if cfg.train.fused_msca:  # same state_dict keys: checkpoints and official weights unaffected
+        apply_fast_path(model, fused_msca=True)
+    return model
 
 
 def _restore(core, optimizer, scheduler, state: LoopState) -> bool:

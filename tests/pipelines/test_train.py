@@ -147,3 +147,16 @@ def test_train_survives_a_worker_failure_then_resumes(
     assert resumed.start_iteration == 6 and resumed.iteration == 8
     assert (run_dir / "checkpoint_0000008" / "checkpoint.pt").is_file()
     assert client.get_run(result.run_id).info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_fused_msca_switch_keeps_checkpoint_keys(workdir: Path, fused: bool) -> None:
+    """train.fused_msca swaps MSCA for FusedMSCA without changing the state_dict layout."""
+    from pipelines.train_loop import build_model
+    from segnext.fast import FusedMSCA
+
+    cfg = load_config(workdir / "exp.yaml", [f"train.fused_msca={str(fused).lower()}"])
+    model = build_model(cfg, num_classes=7)
+    reference = build_model(load_config(workdir / "exp.yaml"), num_classes=7)
+    assert any(isinstance(m, FusedMSCA) for m in model.modules()) is fused
+    assert list(model.state_dict()) == list(reference.state_dict())
