@@ -25,52 +25,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
+from cpu_meter import CpuMeter  # bench/ is the script's folder, first on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 CAMVID = REPO / ".." / "shared" / "datasets" / "camvid"
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-class CpuMeter:
-    """CPU seconds used by this process and every process it started, directly or not.
-
-    Each `read()` scans /proc, adopts new descendants (a process stays counted after it is
-    re-parented) and remembers each one's own last user+system time, so a process that exits
-    between two reads loses only what it used since the last one. Reaped children's time
-    (cutime) is not added: it would count exited DataLoader workers twice.
-    """
-
-    def __init__(self, exclude: set[int] = frozenset()) -> None:
-        self.exclude = set(exclude)  # pids not counted, with everything below them
-        self.known: dict[tuple[int, int], float] = {}  # (pid, start tick) -> cpu seconds
-
-    def read(self) -> float:
-        stats: dict[int, tuple[int, int, float]] = {}
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat") as handle:
-                    fields = handle.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            cpu = sum(int(value) for value in fields[11:13]) / CLOCK_TICKS
-            stats[int(entry)] = (int(fields[1]), int(fields[19]), cpu)
-        members = {pid for pid, start in self.known} | {os.getpid()}
-        changed = True
-        while changed:
-            found = {
-                pid
-                for pid, (parent, _, _) in stats.items()
-                if parent in members and pid not in self.exclude
-            }
-            changed = not found <= members
-            members |= found
-        for pid in members:
-            if pid in stats:
-                _, start, cpu = stats[pid]
-                self.known[(pid, start)] = max(cpu, self.known.get((pid, start), 0.0))
-        return sum(self.known.values())
 
 
 def ensure_shards(out: Path, shard_size: int) -> Path:

@@ -24,86 +24,18 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from cpu_meter import CpuMeter  # bench/ is the script's folder, first on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from data.sources import Synthetic  # noqa: E402
 from data.transforms import MEAN, STD  # noqa: E402
-
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def _process_table() -> dict[int, tuple[int, int, float]]:
-    """pid -> (parent pid, start tick, CPU seconds incl. reaped children) from /proc."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        cpu = sum(int(value) for value in fields[11:15]) / CLOCK_TICKS
-        table[int(entry)] = (int(fields[1]), int(fields[19]), cpu)
-    return table
-
-
-class CpuMeter:
-    """CPU seconds used by this process and all its descendants between start() and stop().
-
-    A thread samples /proc every 0.2 s, so processes that start and exit in between (Ray
-    workers, tasks) are counted up to their last sample; processes alive at start() count only
-    what they use afterwards.
-    """
-
-    def __init__(self) -> None:
-        self.first: dict[tuple[int, int], float] = {}
-        self.last: dict[tuple[int, int], float] = {}
-        self.members: set[int] = {os.getpid()}
-        self.running = False
-
-    def _sample(self) -> None:
-        table = self._members_table()
-        for pid in self.members & set(table):
-            _, start, cpu = table[pid]
-            self.last[(pid, start)] = cpu
-
-    def _members_table(self) -> dict[int, tuple[int, int, float]]:
-        table = _process_table()
-        changed = True
-        while changed:
-            found = {pid for pid, (parent, _, _) in table.items() if parent in self.members}
-            changed = not found <= self.members
-            self.members |= found
-        return table
-
-    def start(self) -> CpuMeter:
-        table = self._members_table()
-        self.first = {(pid, table[pid][1]): table[pid][2] for pid in self.members & set(table)}
-        self.last = dict(self.first)
-        self.running = True
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.thread.start()
-        return self
-
-    def _loop(self) -> None:
-        while self.running:
-            self._sample()
-            time.sleep(0.2)
-
-    def stop(self) -> float:
-        self.running = False
-        self.thread.join()
-        self._sample()
-        return sum(cpu - self.first.get(key, 0.0) for key, cpu in self.last.items())
 
 
 def base_overrides(args: argparse.Namespace, root: Path) -> list[str]:
