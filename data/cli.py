@@ -1,7 +1,11 @@
 """`segnext shards`: turn a dataset folder into WebDataset shards, or verify written shards.
 
 segnext shards camvid --root ../shared/datasets/camvid --out shards/camvid --workers 2
+segnext shards folder --root my_data --classes classes.txt --mask-threshold 127 --out shards/mine
 segnext shards verify shards/camvid
+
+A run into a folder that already holds shards of the same dataset replaces the splits it writes
+and keeps the others; a different dataset there is refused (--overwrite replaces it).
 """
 
 from __future__ import annotations
@@ -9,8 +13,11 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from data.sources import ADE20K, VOC, CamVid, Cityscapes, DataError, Folder, Source, Synthetic
+from data.sources.base import SourceError
+from data.sources.folder import discover_splits
 
 MAX_LISTED = 20  # skipped samples / problems printed in full
 BYTE_UNITS = {"k": 10**3, "m": 10**6, "g": 10**9}
@@ -21,12 +28,21 @@ def _add_root(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_folder(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--images", required=True, help="folder of images")
-    parser.add_argument("--masks", required=True, help="folder of 8-bit id masks, same stems")
+    parser.add_argument("--root", help="folder whose sub-folders are splits: ROOT/<split>/images, "
+                        "ROOT/<split>/masks")  # fmt: skip
+    parser.add_argument("--images-dir", default="images", help="images sub-folder name (--root)")
+    parser.add_argument("--masks-dir", default="masks", help="masks sub-folder name (--root)")
+    parser.add_argument("--split", action="append", default=[], metavar="NAME=IMAGES:MASKS",
+                        help="a split from two folders (repeatable); a bare NAME names the "
+                        "split of --images/--masks (default train)")  # fmt: skip
+    parser.add_argument("--images", help="folder of images (one split, see --split)")
+    parser.add_argument("--masks", help="folder of 8-bit id masks, same stems as --images")
     parser.add_argument("--classes", required=True, help="text file, one class name per line")
     parser.add_argument("--ignore-index", type=int, help="the dataset's ignore id (-> 255)")
     parser.add_argument("--label-map", help='JSON file {"src_id": dst_id} applied to mask ids')
-    parser.add_argument("--split", default="train", help="split name for these samples")
+    parser.add_argument("--mask-threshold", type=int, metavar="T",
+                        help="binary masks (2 classes): value > T -> class 1, else 0; for 0/255 "
+                        "or JPEG masks, e.g. 127")  # fmt: skip
 
 
 def _add_synthetic(parser: argparse.ArgumentParser) -> None:
@@ -39,13 +55,55 @@ def _add_synthetic(parser: argparse.ArgumentParser) -> None:
 
 def _folder(args: argparse.Namespace) -> Source:
     return Folder.from_files(
-        args.images,
-        args.masks,
         args.classes,
+        _folder_layout(args),
         ignore_index=args.ignore_index,
         label_map_file=args.label_map,
-        split=args.split,
+        mask_threshold=args.mask_threshold,
     )
+
+
+def _folder_layout(args: argparse.Namespace) -> dict[str, tuple[Path, Path]]:
+    """split -> (images, masks) from --root, --split NAME=IMAGES:MASKS and --images/--masks."""
+    specs = [s for s in args.split if "=" in s]
+    names = [s for s in args.split if "=" not in s]
+    layout: dict[str, tuple[Path, Path]] = {}
+
+    def add(name: str, images: Path, masks: Path, origin: str) -> None:
+        if name in layout:
+            raise SourceError(
+                f"split '{name}' is given twice ({origin} and before). Fix: name each split once."
+            )
+        layout[name] = (Path(images), Path(masks))
+
+    if len(names) > 1 or (names and not (args.images or args.masks)):
+        raise SourceError(
+            f"--split {' '.join(names)}: a bare split name names the split of --images/--masks "
+            f"(one only). Fix: pass --images and --masks, or --split NAME=IMAGES:MASKS."
+        )
+    if bool(args.images) != bool(args.masks):
+        raise SourceError("--images and --masks go together. Fix: pass both, or use --root.")
+    if args.root:
+        for name, (images, masks) in discover_splits(
+            Path(args.root), args.images_dir, args.masks_dir
+        ).items():
+            add(name, images, masks, f"--root {args.root}")
+    for spec in specs:
+        name, _, folders = spec.partition("=")
+        images, colon, masks = folders.partition(":")
+        if not (name and colon and images and masks):
+            raise SourceError(
+                f"--split {spec}: expected NAME=IMAGES:MASKS (e.g. val=data/val/img:data/val/gt)."
+            )
+        add(name, Path(images), Path(masks), f"--split {spec}")
+    if args.images:
+        add(names[0] if names else "train", args.images, args.masks, "--images/--masks")
+    if not layout:
+        raise SourceError(
+            "folder: no images given. Fix: pass --root DIR (DIR/<split>/images + masks), "
+            "--split NAME=IMAGES:MASKS, or --images and --masks."
+        )
+    return layout
 
 
 def _synthetic(args: argparse.Namespace) -> Source:
@@ -96,6 +154,10 @@ def _write_options() -> argparse.ArgumentParser:
     parser.add_argument("--on-error", choices=("raise", "skip"), default="raise",
                         help="bad samples: stop (default) or leave them out and list them")  # fmt: skip
     parser.add_argument("--limit", type=int, help="first N samples per split (for tests)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a different dataset (all its splits) in --out")  # fmt: skip
+    parser.add_argument("--allow-empty", action="store_true",
+                        help="write splits without samples instead of failing")  # fmt: skip
     return parser
 
 
@@ -120,7 +182,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _write(args: argparse.Namespace) -> int:
-    from data.shards import write_shards
+    from data.shards import Interrupted, write_shards
 
     try:
         summary = write_shards(
@@ -135,10 +197,19 @@ def _write(args: argparse.Namespace) -> int:
             workers=args.workers,
             limit=args.limit,
             progress=True,
+            overwrite=args.overwrite,
+            allow_empty=args.allow_empty,
         )
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as error:
+        signum = error.signum if isinstance(error, Interrupted) else 2
+        print(
+            f"interrupted: nothing written, {args.out} keeps what it held before.",
+            file=sys.stderr,
+        )
+        return 128 + signum
     for item in summary.skipped[:MAX_LISTED]:
         print(f"skipped: {item['reason']}", file=sys.stderr)
     print(summary.line())
@@ -153,6 +224,9 @@ def _verify(args: argparse.Namespace) -> int:
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted: verification stopped (nothing was changed).", file=sys.stderr)
+        return 130
     for problem in report.problems:
         print(f"problem: {problem}", file=sys.stderr)
     print(report.line())

@@ -13,10 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import tarfile_samples
 
 from data.samples import FIX_HINT, SamplePipeline, SampleReadError, build_pipeline
-from data.shards import load_manifest
+from data.shards import iter_tar_samples, load_manifest, resolve_filesystem, tar_error_text
 from data.transforms import to_training_batch
 
 
@@ -53,11 +52,16 @@ class ShardSamples(IterableDataset):
 
 
 def read_shard(url: str) -> Iterator[dict[str, object]]:
-    """Raw webdataset samples of one shard; a damaged tar raises `SampleReadError` naming it."""
+    """Raw webdataset samples of one shard (a local path or an s3:// / gs:// URI), read by the
+    verifier's reader; a damaged tar raises `SampleReadError` naming it."""
+    filesystem, path = resolve_filesystem(url)
     try:
-        yield from tarfile_samples([{"url": url}])
-    except (tarfile.TarError, OSError) as error:
-        raise SampleReadError(f"{url}: unreadable shard ({error}); {FIX_HINT}") from error
+        with filesystem.open_input_stream(path, compression=None, buffer_size=1 << 20) as stream:
+            yield from iter_tar_samples(stream, url)
+    except (tarfile.TarError, OSError, ValueError) as error:
+        raise SampleReadError(
+            f"{url}: unreadable shard ({tar_error_text(error)}); {FIX_HINT}"
+        ) from error
 
 
 @dataclass

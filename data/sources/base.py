@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import re
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,19 +91,31 @@ class Source(ABC):
         """Raw mask id -> training id (uint8, 256 entries). Identity unless overridden."""
         return np.arange(256, dtype=np.uint8)
 
+    def location(self, split: str) -> str:
+        """Where `split`'s files live, for messages (a folder, or the source's name)."""
+        return str(getattr(self, "root", self.name))
+
     def load(self, sample: Sample) -> LoadedSample:
         """Decode and validate one sample; raises SampleError naming the file and the fix."""
         image, rgb_png = read_image(sample.image)
-        raw = read_mask(sample.mask, sample.image)
+        raw = self.read_raw_mask(sample)
         if raw.shape != (image.height, image.width):
             raise SampleError(
                 f"{sample.mask}: mask is {raw.shape[1]}x{raw.shape[0]} but its image "
                 f"{sample.image} is {image.width}x{image.height} (width x height). Fix: export "
                 f"the mask at the image's size, {SKIP_HINT}."
             )
+        return LoadedSample(image=image, mask=self.map_labels(raw, sample.mask), rgb_png=rgb_png)
+
+    def read_raw_mask(self, sample: Sample) -> np.ndarray:
+        """The sample's mask as stored ids, before `map_labels`."""
+        return read_mask(sample.mask, sample.image)
+
+    def map_labels(self, raw: np.ndarray, path: str) -> np.ndarray:
+        """Raw mask ids -> training ids through `label_lut`, range-checked."""
         mask = self.label_lut[raw]
-        check_label_range(mask, raw, len(self.classes), sample.mask)
-        return LoadedSample(image=image, mask=mask, rgb_png=rgb_png)
+        check_label_range(mask, raw, len(self.classes), path)
+        return mask
 
 
 def read_image(path: str) -> tuple[Image.Image, bytes | None]:
@@ -127,8 +140,15 @@ def read_image(path: str) -> tuple[Image.Image, bytes | None]:
     return image, (data if is_rgb_png else None)
 
 
-def read_mask(path: str, image_path: str) -> np.ndarray:
-    """Read an 8-bit label image as its stored ids (palette PNGs: the indices, not colours)."""
+COLOUR_MASK_FIX = "convert colour masks to one id per pixel (e.g. with a palette lookup)"
+
+
+def read_mask(
+    path: str, image_path: str, *, gray: bool = False, colour_fix: str = COLOUR_MASK_FIX
+) -> np.ndarray:
+    """Read an 8-bit label image as its stored ids (palette PNGs: the indices, not colours);
+    with `gray`, colour and bilevel masks (binary masks saved as RGB JPEGs) become luminance.
+    `colour_fix` is the advice for a colour mask read without `gray`."""
     if not Path(path).is_file():
         raise SampleError(
             f"{image_path}: its mask {path} does not exist. Fix: add the mask file, {SKIP_HINT}."
@@ -137,7 +157,10 @@ def read_mask(path: str, image_path: str) -> np.ndarray:
         with Image.open(path) as opened:
             opened.load()
             mode = opened.mode
-            ids = np.asarray(opened) if mode in ("L", "P") else None
+            if gray and mode in ("1", "LA", "RGB", "RGBA", "CMYK", "YCbCr"):
+                ids = np.asarray(opened.convert("L"))
+            else:
+                ids = np.asarray(opened) if mode in ("L", "P") else None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise SampleError(
             f"{path}: cannot decode mask ({error}). Fix: re-export the mask as an 8-bit PNG, "
@@ -146,8 +169,7 @@ def read_mask(path: str, image_path: str) -> np.ndarray:
     if ids is None:
         raise SampleError(
             f"{path}: mask has image mode {mode}; expected 8-bit class ids (mode L or P). "
-            f"Fix: convert colour masks to one id per pixel (e.g. with a palette lookup), "
-            f"{SKIP_HINT}."
+            f"Fix: {colour_fix}, {SKIP_HINT}."
         )
     return ids
 
@@ -162,6 +184,17 @@ def check_label_range(mask: np.ndarray, raw: np.ndarray, num_classes: int, path:
             f"{num_classes} classes (0..{num_classes - 1}, {IGNORE_INDEX} = ignore). Fix: "
             f"check the dataset type and class list, map them with --label-map or "
             f"--ignore-index, {SKIP_HINT}."
+        )
+
+
+def check_class_names(names: Iterable[str], where: str) -> None:
+    """Raise SourceError if a class name repeats (two ids with one name cannot be told apart
+    in metrics, pictures or the model card)."""
+    repeated = [name for name, count in Counter(names).items() if count > 1]
+    if repeated:
+        raise SourceError(
+            f"{where}: class names {repeated[:10]} appear more than once. Fix: give every "
+            f"class its own name (the order gives the ids)."
         )
 
 

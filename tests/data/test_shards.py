@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -100,7 +101,7 @@ def make_folder_dataset(root: Path, camvid_root: Path, problem: str | None) -> t
         ids = np.asarray(good_mask).copy()
         ids[10:20, 10:20] = 42
         Image.fromarray(ids).save(masks / bad_name)
-    source = Folder(images, masks, CAMVID_CLASSES, ignore_index=11, split="val")
+    source = Folder(CAMVID_CLASSES, {"val": (images, masks)}, ignore_index=11)
     return source, bad_name
 
 
@@ -166,8 +167,16 @@ def test_rerun_is_byte_identical_and_removes_stale_shards(tmp_path):
     assert (out / "dataset.json").read_text() == manifest
 
     write_shards(source, out, shard_size=8)  # fewer shards: the old extra ones must go
-    assert shard_files(out) == ["train-000000.tar", "train-000001.tar", "val-000000.tar"]
+    listed = sorted(load_manifest(out).shard_urls(["train", "val"]))
+    assert [str(out / name) for name in shard_files(out)] == listed and len(listed) == 3
+    # the old manifest held the plain names for other bytes: the new shards carry their digest
+    assert all(
+        re.fullmatch(r"(train|val)-00000[01]-[0-9a-f]{12}\.tar", Path(n).name) for n in listed
+    )
     assert verify(out).ok
+    write_shards(source, out, shard_size=3)  # the plain names are free again
+    assert {name: file_sha(out / name) for name in shard_files(out)} == first
+    assert (out / "dataset.json").read_text() == manifest
 
 
 def test_shard_bytes_sets_samples_per_shard(tmp_path):
@@ -287,13 +296,14 @@ def test_cli_writes_in_parallel_and_verifies(tmp_path, camvid_root, capsys):
 def test_cli_reports_bad_input_and_fails(tmp_path, camvid_root, capsys):
     source, bad_name = make_folder_dataset(tmp_path / "data", camvid_root, "missing_mask")
     (tmp_path / "classes.txt").write_text("\n".join(CAMVID_CLASSES))
-    args = ["shards", "folder", "--images", str(source.images), "--masks", str(source.masks)]
+    images, masks = source.folders("val")
+    args = ["shards", "folder", "--images", str(images), "--masks", str(masks), "--split", "val"]
     args += ["--classes", str(tmp_path / "classes.txt"), "--ignore-index", "11", "--out"]
     assert main([*args, str(tmp_path / "out")]) == 1
     assert bad_name in capsys.readouterr().err
     assert main([*args, str(tmp_path / "out2"), "--on-error", "skip"]) == 0
     captured = capsys.readouterr()
     assert "3 samples, 1 shards" in captured.out and "1 skipped" in captured.out
-    assert f"skipped: {source.images / bad_name}" in captured.err
+    assert f"skipped: {images / bad_name}" in captured.err
     assert main(["shards", "verify", str(tmp_path / "missing")]) == 1
     assert "not found" in capsys.readouterr().err

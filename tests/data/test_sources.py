@@ -149,12 +149,10 @@ def test_folder_source_ignore_index_and_label_map(tmp_path, camvid_root, read_sa
     (tmp_path / "classes.txt").write_text("# CamVid\n" + "\n".join(CAMVID_CLASSES) + "\n")
     (tmp_path / "map.json").write_text(json.dumps({"10": 9}))
     source = Folder.from_files(
-        tmp_path / "images",
-        tmp_path / "masks",
         tmp_path / "classes.txt",
+        {"val": (tmp_path / "images", tmp_path / "masks")},
         ignore_index=UNLABELLED,
         label_map_file=tmp_path / "map.json",
-        split="val",
     )
     assert len(source.classes) == 11 and source.default_splits == ("val",)
 
@@ -168,16 +166,18 @@ def test_folder_source_argument_errors(tmp_path):
     (tmp_path / "map.json").write_text("[1, 2]")
     with pytest.raises(SourceError, match="map.json: not a label map"):
         Folder.from_files(
-            tmp_path, tmp_path, tmp_path / "classes.txt", label_map_file=tmp_path / "map.json"
+            tmp_path / "classes.txt",
+            {"train": (tmp_path, tmp_path)},
+            label_map_file=tmp_path / "map.json",
         )
     with pytest.raises(SourceError, match="label map entry 3 -> 7"):
-        Folder(tmp_path, tmp_path, ("a", "b"), label_map={3: 7})
+        Folder(("a", "b"), {"train": (tmp_path, tmp_path)}, label_map={3: 7})
     with pytest.raises(SourceError, match="nope.txt: cannot read the class list"):
-        Folder.from_files(tmp_path, tmp_path, tmp_path / "nope.txt")
+        Folder.from_files(tmp_path / "nope.txt", {"train": (tmp_path, tmp_path)})
     (tmp_path / "masks").mkdir()
     for name in ("x.png", "x.bmp"):
         Image.new("L", (4, 4)).save(tmp_path / "masks" / name)
-    folder = Folder(tmp_path, tmp_path / "masks", ("a", "b"))
+    folder = Folder(("a", "b"), {"train": (tmp_path, tmp_path / "masks")})
     with pytest.raises(SourceError, match="two masks for stem 'x'"):
         folder.samples("train")
 
@@ -186,6 +186,6 @@ def test_colour_mask_is_rejected_with_the_fix(tmp_path, camvid_root):
     stem, image, raw = camvid_pairs(camvid_root, 1)[0]
     save(image, tmp_path / "images" / f"{stem}.png")
     save(np.stack([raw] * 3, axis=-1), tmp_path / "masks" / f"{stem}.png")
-    source = Folder(tmp_path / "images", tmp_path / "masks", tuple("abcdefghijkl"))
+    source = Folder(tuple("abcdefghijkl"), {"train": (tmp_path / "images", tmp_path / "masks")})
     with pytest.raises(SampleError, match=rf"{stem}.png: mask has image mode RGB.*convert"):
         source.load(source.samples("train")[0])
