@@ -59,16 +59,39 @@ def resolve_checkpoint_file(path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by `save_checkpoint` (weights only: no code is unpickled)."""
+    """Load a checkpoint written by `save_checkpoint` (weights only: no code is unpickled).
+
+    `path` may be a URI (s3://, gs://): the checkpoint is fetched into a temporary folder."""
+    from pipelines.storage import is_remote, local_checkpoint
+
+    if is_remote(path):
+        with local_checkpoint(path) as local:
+            try:
+                return load_checkpoint(local, map_location)
+            except CheckpointError as error:  # name the URI, not the temporary copy
+                raise CheckpointError(str(error).replace(str(local), str(path))) from None
     file = resolve_checkpoint_file(path)
     try:
         payload = torch.load(file, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError) as error:
+    except pickle.UnpicklingError as error:
+        # torch's own message advises weights_only=False: never repeat that for a foreign file.
+        if "GLOBAL" not in str(error):  # not a refused object: bytes that are no pickle at all
+            raise CheckpointError(
+                f"{file} is truncated, corrupt or not a torch checkpoint (no valid pickle); "
+                "pass a complete checkpoint.pt written by `segnext train`"
+            ) from None
         raise CheckpointError(
-            f"{file} is not a SegNeXt checkpoint of this project (torch.load with "
-            f"weights_only=True failed: {str(error).splitlines()[0]}). Official SegNeXt weights "
-            "go through segnext's converter, not load_checkpoint."
-        ) from error
+            f"{file} holds pickled Python objects beyond tensors, which the safe loader refuses "
+            "(nothing in it was run); it is not a checkpoint written by `segnext train`. Use a "
+            "checkpoint of this project; official SegNeXt weights go through "
+            "segnext.load_official_weights"
+        ) from None
+    except (zipfile.BadZipFile, RuntimeError, EOFError, KeyError, ValueError) as error:
+        raise CheckpointError(
+            f"{file} is truncated, corrupt or not a torch checkpoint ({type(error).__name__}); "
+            "pass a complete checkpoint.pt written by `segnext train` (a crashed copy or "
+            "download? fetch it again)"
+        ) from None
     if not isinstance(payload, dict) or any(key not in payload for key in REQUIRED_KEYS):
         raise CheckpointError(
             f"{file} is a torch file but not a checkpoint of this project: it lacks the keys "

@@ -89,7 +89,10 @@ def predict_files(
     """Segment every input image, write its mask and overlay to `out`; returns the files."""
     from tqdm import tqdm
 
-    from pipelines.serving import load_segmenter
+    if str(model).lower().endswith(".onnx"):  # numpy + onnxruntime only: no torch import
+        from pipelines.onnx_runtime import load_onnx_segmenter as load_segmenter
+    else:
+        from pipelines.serving import load_segmenter
 
     files = list_images(inputs)
     segmenter = load_segmenter(model, **overrides)
@@ -132,7 +135,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Segment image files (or folders of them) with a checkpoint or an MLflow "
         "model (models:/segnext@champion); write NAME_mask.png and NAME_overlay.png.",
     )
-    parser.add_argument("--model", required=True, help="checkpoint path or MLflow model URI")
+    parser.add_argument(
+        "--model", required=True, help="checkpoint path, MLflow model URI, or FILE.onnx"
+    )
     parser.add_argument("--input", required=True, nargs="+", help="image files or folders")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--mode", choices=("auto", "whole", "slide"), default=None)

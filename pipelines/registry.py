@@ -56,9 +56,22 @@ def register_checkpoint(
 ) -> ModelVersion:
     """Log `checkpoint_path` as a pyfunc model under run `run_id` and register it.
 
-    The new version becomes `models:/<name>/latest`; alias `champion` moves to it when its val
-    mIoU beats the current champion's (or there is no champion yet). Returns the version.
+    `checkpoint_path` is local or any URI pyarrow opens (s3://, gs://, run.storage_path's
+    filesystem): a remote one is fetched into a temporary folder, copied into MLflow's artifact
+    store, and the copy removed. The new version becomes `models:/<name>/latest`; alias
+    `champion` moves to it when its val mIoU beats the current champion's (or there is no
+    champion yet). Returns the version.
     """
+    from pipelines.storage import local_checkpoint
+
+    with local_checkpoint(checkpoint_path) as local:
+        return _register_local(local, run_id=run_id, registry_name=registry_name,
+                               tracking_uri=tracking_uri)
+
+
+def _register_local(
+    checkpoint_path: Path, *, run_id: str, registry_name: str, tracking_uri: str | None
+) -> ModelVersion:
     import mlflow
     from mlflow import MlflowClient
 
@@ -92,7 +105,25 @@ def register_checkpoint(
     client.update_model_version(
         registry_name, version.version, description=_description(payload, run_id, verdict)
     )
+    _describe_registered_model(client, registry_name, payload)
     return client.get_model_version(registry_name, version.version)
+
+
+def _describe_registered_model(client: Any, name: str, payload: dict[str, Any]) -> None:
+    """The model page's own description (empty otherwise in the MLflow UI): what the model is
+    and how its aliases move. Written once; a description someone edited is left alone."""
+    if client.get_registered_model(name).description:
+        return
+    meta = payload["meta"]
+    client.update_registered_model(
+        name,
+        description=(
+            f"SegNeXt semantic segmentation, {meta['num_classes']} classes "
+            f"({', '.join(meta['class_names'][:12])}{', ...' if meta['num_classes'] > 12 else ''})."
+            f" @{CHAMPION} is the version with the best val mIoU so far; models:/{name}/latest is "
+            "the newest. Each version's description says how it compared with the champion."
+        ),
+    )
 
 
 def _val_miou(payload: dict[str, Any]) -> float | None:
@@ -266,22 +297,63 @@ def _description(payload: dict[str, Any], run_id: str, verdict: str) -> str:
     )
 
 
+ONNX_ARTIFACT = "model.onnx"  # the ONNX file's name inside a registered version's model folder
+
+
+def attach_onnx(
+    onnx_file: str | Path, *, registry_name: str, version: str, tracking_uri: str | None = None
+) -> ModelVersion:
+    """Add an exported ONNX file (`segnext export --register`) to a registered version's model
+    folder, beside its MLmodel, so `models:/NAME/VERSION` holds both flavours and
+    `models:/NAME/VERSION/model.onnx` the ONNX one; tags `onnx` (that URI) and `onnx_sha256`."""
+    import hashlib
+    import shutil
+
+    from mlflow import MlflowClient
+
+    from pipelines.tracking import resolve_tracking_uri
+
+    client = MlflowClient(resolve_tracking_uri(tracking_uri))
+    model_version = client.get_model_version(registry_name, version)
+    # SQLite stores leave model_id empty; the source is then the logged model's models:/m-... URI
+    source = model_version.source or ""
+    model_id = model_version.model_id or (
+        source.removeprefix("models:/") if source.startswith("models:/m-") else None
+    )
+    if model_id is None:
+        raise ValueError(
+            f"{registry_name} v{version} was registered from {source}, not from a logged model "
+            "(MLflow 3); re-register it with `segnext register` to attach an ONNX file"
+        )
+    digest = hashlib.sha256(Path(onnx_file).read_bytes()).hexdigest()
+    with tempfile.TemporaryDirectory() as folder:
+        named = Path(folder) / ONNX_ARTIFACT
+        shutil.copyfile(onnx_file, named)
+        client.log_model_artifact(model_id, str(named))
+    uri = f"models:/{registry_name}/{model_version.version}/{ONNX_ARTIFACT}"
+    client.set_model_version_tag(registry_name, model_version.version, "onnx", uri)
+    client.set_model_version_tag(registry_name, model_version.version, "onnx_sha256", digest)
+    return client.get_model_version(registry_name, model_version.version)
+
+
 # ---------------------------------------------------------------------------------- command
 
 
-def find_run_checkpoint(run: Any, which: str) -> Path:
-    """The `best` (highest val mIoU) or `latest` (highest iteration) checkpoint of a run.
+def find_run_checkpoint(run: Any, which: str) -> str:
+    """The `best` (highest val mIoU) or `latest` (highest iteration) checkpoint of a run: a
+    local path or a URI (s3://...) on run.storage_path's filesystem.
 
     `best` is the run's `best_checkpoint` tag (set by `segnext train`) when its folder still
     exists; otherwise the Ray checkpoint folders `<run.storage_path>/<Ray run name>/checkpoint_*`
     are searched.
     """
+    from pipelines import storage as run_storage
     from pipelines.checkpoint import CHECKPOINT_FILE, load_checkpoint
     from pipelines.tracking import RUN_NAME_TAG, project_root
 
     tagged = run.data.tags.get("best_checkpoint")
-    if which == "best" and tagged and Path(tagged).exists():
-        return Path(tagged)
+    if which == "best" and tagged and run_storage.exists(tagged):
+        return tagged
     storage = run.data.params.get("run.storage_path")
     name = run.data.tags.get(RUN_NAME_TAG)
     if not storage or not name:
@@ -290,20 +362,20 @@ def find_run_checkpoint(run: Any, which: str) -> Path:
             f"tag {RUN_NAME_TAG}); pass --checkpoint PATH"
         )
     candidates = (
-        [Path(storage)]
-        if Path(storage).is_absolute()
+        [storage]
+        if run_storage.is_remote(storage) or Path(storage).is_absolute()
         else [
-            Path.cwd() / storage,
-            project_root() / storage,
+            str(Path.cwd() / storage),
+            str(project_root() / storage),
         ]
     )
     files = []
     for base in candidates:
-        files = sorted((base / name).glob(f"checkpoint_*/{CHECKPOINT_FILE}"))
+        files = run_storage.checkpoint_files(run_storage.join(base, name))
         if files:
             break
     if not files:
-        where = " or ".join(str(base / name) for base in candidates)
+        where = " or ".join(run_storage.join(base, name) for base in candidates)
         raise FileNotFoundError(
             f"no checkpoint_*/{CHECKPOINT_FILE} under {where} for run {run.info.run_id}; "
             "pass --checkpoint PATH"
@@ -343,7 +415,7 @@ def _main(args: argparse.Namespace) -> int:
     if args.checkpoint in ("best", "latest"):
         path = find_run_checkpoint(MlflowClient(uri).get_run(args.run), args.checkpoint)
     else:
-        path = Path(args.checkpoint)
+        path = args.checkpoint  # a local path or a URI (s3://...)
     version = register_checkpoint(path, run_id=args.run, registry_name=args.name, tracking_uri=uri)
     aliases = ", ".join(f"@{alias}" for alias in version.aliases) or "none"
     print(f"registered {args.name} v{version.version} from {path} (aliases: {aliases})")

@@ -210,7 +210,7 @@ class ModelSource:
     logged it (None for a bare checkpoint)."""
 
     reference: str
-    checkpoint: Path
+    checkpoint: Path | str  # str: a URI (s3://...), fetched when loaded
     run_id: str | None = None
 
 
@@ -218,8 +218,12 @@ def resolve_model(model: str | Path) -> ModelSource:
     """A checkpoint (file or Ray checkpoint folder), a local MLflow model folder, or a model
     URI (`models:/segnext@champion`, `models:/segnext/3`, or any other MLflow model URI);
     MLflow models are downloaded and read through their checkpoint artifact."""
+    from pipelines.storage import is_checkpoint_uri
+
     text = str(model)
     local = Path(text).expanduser()
+    if is_checkpoint_uri(text):  # s3://.../checkpoint_0000100 under a run.storage_path
+        return ModelSource(text, text)
     if ":/" in text and not local.exists():  # a URI: models:/..., runs:/..., s3://...
         return _mlflow_model(text, Path(mlflow.artifacts.download_artifacts(text)))
     if (local / "MLmodel").is_file():

@@ -151,7 +151,7 @@ def test_register_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
 
     foreign = tmp_path / "foreign.pt"
     torch.save({"model": Foreign()}, foreign)
-    with pytest.raises(CheckpointError, match="foreign.pt is not a SegNeXt checkpoint"):
+    with pytest.raises(CheckpointError, match="foreign.pt holds pickled Python objects"):
         register_checkpoint(foreign, run_id="0" * 32, tracking_uri=f"sqlite:///{tmp_path}/x.db")
     assert not (tmp_path / "x.db").exists()  # refused before touching the store
 
@@ -171,8 +171,8 @@ def test_find_run_checkpoint_best_and_latest(tmp_path):
     run_id = client.create_run(experiment, tags={RUN_NAME_TAG: "demo-run"}).info.run_id
     client.log_param(run_id, "run.storage_path", str(storage))
     run = client.get_run(run_id)
-    assert find_run_checkpoint(run, "best").parent.name == "checkpoint_0000200"
-    assert find_run_checkpoint(run, "latest").parent.name == "checkpoint_0000300"
+    assert Path(find_run_checkpoint(run, "best")).parent.name == "checkpoint_0000200"
+    assert Path(find_run_checkpoint(run, "latest")).parent.name == "checkpoint_0000300"
 
     bare = client.get_run(client.create_run(experiment).info.run_id)
     with pytest.raises(FileNotFoundError, match="pass --checkpoint PATH"):
