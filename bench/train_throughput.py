@@ -152,8 +152,8 @@ def main() -> None:
     import ray
 
     from data.shards import write_shards
+    from pipelines.cluster import init_ray
     from pipelines.config import load_config
-    from pipelines.train import WORKER_ENV
 
     with tempfile.TemporaryDirectory(prefix="bench-train-") as folder:
         root = Path(folder)
@@ -165,9 +165,7 @@ def main() -> None:
         results = {ceiling_name: run_memory(args, cfg, cores)}
         if cores > 1:
             results["memory, 1 process, 1 thread"] = run_memory(args, cfg, 1)
-        os.environ.update(WORKER_ENV)
-        ray.init(address="local", num_cpus=cores, logging_level="ERROR", log_to_driver=False,
-                 runtime_env={"env_vars": WORKER_ENV})
+        init_ray("local", num_cpus=cores)
         try:
             for workers in args.workers:
                 print(f"[bench] Ray Data -> Ray Train with {workers} worker(s) ...", flush=True)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -71,9 +71,11 @@ def configure_data_context(
     return context
 
 
-@ray.remote(num_cpus=0)
-class SkipLedger:
-    """Counts samples and shards left out by `on_error="skip"` across all tasks."""
+class SkipTally:
+    """Samples and shards left out by `on_error="skip"`: a count and the first examples.
+
+    Used as it is by single-process readers and, wrapped as the `SkipLedger` actor, shared by
+    all the read tasks of a Ray Data stream."""
 
     def __init__(self) -> None:
         self.count = 0
@@ -89,11 +91,26 @@ class SkipLedger:
         return {"count": self.count, "examples": list(self.examples)}
 
 
-def _ledger_name(root: str, split: str) -> str:
-    return f"segnext-skips:{root}:{split}"
+SkipLedger = ray.remote(num_cpus=0)(SkipTally)
 
 
-def skipped_samples(root: str, split: str) -> dict:
+def split_label(split: str | Sequence[str]) -> str:
+    """One name for one split or several read as one ("train+val")."""
+    return split if isinstance(split, str) else "+".join(split)
+
+
+def _record_to(ledger: object | None) -> Callable[[list[dict]], None] | None:
+    """The record callback of a SkipLedger actor handle (waits: counts must be complete)."""
+    if ledger is None:
+        return None
+    return lambda entries: ray.get(ledger.record.remote(entries))
+
+
+def _ledger_name(root: str, split: str | Sequence[str]) -> str:
+    return f"segnext-skips:{root}:{split_label(split)}"
+
+
+def skipped_samples(root: str, split: str | Sequence[str]) -> dict:
     """{"count": samples left out so far by skip-mode datasets of (root, split) in this Ray
     job, "examples": [{"shard", "key", "reason", "samples"}, ...] (first 100)}."""
     try:
@@ -120,33 +137,46 @@ def _shard_problem(filesystem: pafs.FileSystem, path: str, expected: dict, verif
     return ""
 
 
+@dataclass(frozen=True)
+class ShardFile:
+    """One shard of a split as readers open it."""
+
+    path: str  # inside `filesystem` (no scheme)
+    url: str  # what errors name: a local path or the full URI
+    num_samples: int
+
+
 def checked_shards(
     manifest: Manifest,
-    split: str,
+    split: str | Sequence[str],
     *,
     verify: Verify = "size",
-    on_error: OnError = "raise",
-    ledger: object | None = None,
-) -> tuple[list[str], pafs.FileSystem]:
-    """(paths, filesystem) of the shards of `split` whose files match the manifest (size, or
-    sha256 too). A mismatch raises `SampleReadError` naming the shard, or with
-    on_error="skip" drops the shard and records its samples in `ledger`."""
+    record: Callable[[list[dict]], None] | None = None,
+) -> tuple[list[ShardFile], pafs.FileSystem]:
+    """(shards, filesystem) of `split` (one split or several, in order) whose files match the
+    manifest (size, or sha256 too). A mismatch raises `SampleReadError` naming the shard, or,
+    with a `record` callback (skip mode), drops the shard and records its samples there."""
     filesystem, base = resolve_filesystem(manifest.root)
+    splits = [split] if isinstance(split, str) else list(split)
     good = []
-    for record in manifest.split(split)["shards"]:
-        path = f"{base}/{record['path']}"
-        problem = "" if verify == "none" else _shard_problem(filesystem, path, record, verify)
-        if not problem:
-            good.append(path)
-            continue
-        url = join_root(manifest.root, record["path"])
-        if on_error == "raise":
-            raise SampleReadError(f"{url}: shard {problem}; {FIX_HINT}")
-        logger.warning("skipping shard %s (%s, %d samples)", url, problem, record["num_samples"])
-        entry = {"shard": url, "key": "*", "reason": problem, "samples": record["num_samples"]}
-        ray.get(ledger.record.remote([entry]))
+    for name in splits:
+        for entry in manifest.split(name)["shards"]:
+            path = f"{base}/{entry['path']}"
+            url = join_root(manifest.root, entry["path"])
+            problem = "" if verify == "none" else _shard_problem(filesystem, path, entry, verify)
+            if not problem:
+                good.append(ShardFile(path, url, int(entry["num_samples"])))
+                continue
+            if record is None:
+                raise SampleReadError(f"{url}: shard {problem}; {FIX_HINT}")
+            logger.warning("skipping shard %s (%s, %d samples)", url, problem,
+                           entry["num_samples"])
+            record([{"shard": url, "key": "*", "reason": problem,
+                     "samples": entry["num_samples"]}])
     if not good:
-        raise SampleReadError(f"{manifest.root}: no readable shard left in split '{split}'")
+        raise SampleReadError(
+            f"{manifest.root}: no readable shard left in split '{split_label(split)}'"
+        )
     return good, filesystem
 
 
@@ -157,14 +187,13 @@ class CheckedWebDataset(WebDatasetDatasource):
     header for the end of the archive and would silently drop the rest). With a ledger
     (skip mode) the samples kept so far stay and the missing ones are counted."""
 
-    def __init__(
-        self, paths: list[str], *, counts: dict[str, int], ledger: object | None, **kwargs
-    ) -> None:
-        super().__init__(paths, **kwargs)
-        self.counts, self.ledger = counts, ledger  # counts: shard file name -> num_samples
+    def __init__(self, shards: list[ShardFile], *, ledger: object | None, **kwargs) -> None:
+        super().__init__([shard.path for shard in shards], **kwargs)
+        self.counts = {shard.path: shard.num_samples for shard in shards}
+        self.ledger = ledger
 
     def _read_stream(self, stream: object, path: str) -> Iterator[object]:
-        expected, seen = self.counts[path.rsplit("/", 1)[-1]], 0
+        expected, seen = self.counts[path], 0
         try:
             for block in super()._read_stream(stream, path):
                 seen += len(block)
@@ -179,7 +208,7 @@ class CheckedWebDataset(WebDatasetDatasource):
             raise SampleReadError(f"{path}: shard {problem}; {FIX_HINT}")
         logger.warning("skipping the rest of shard %s: %s", path, problem)
         entry = {"shard": path, "key": "*", "reason": problem, "samples": expected - seen}
-        ray.get(self.ledger.record.remote([entry]))
+        _record_to(self.ledger)([entry])
 
 
 @dataclass(frozen=True)
@@ -207,7 +236,7 @@ class PrepareBatch:
                 logger.warning("skipping: %s", error)
                 skipped.append({"shard": url, "key": key, "reason": str(error), "samples": 1})
         if skipped:  # wait: the count must be complete when the pass ends
-            ray.get(self.ledger.record.remote(skipped))
+            _record_to(self.ledger)(skipped)
         return self._stack(rows)
 
     def _stack(self, rows: list[dict]) -> dict[str, np.ndarray]:
@@ -226,7 +255,7 @@ class PrepareBatch:
 
 def build_dataset(
     root: str,
-    split: str,
+    split: str | Sequence[str],
     *,
     train: bool,
     crop_size: tuple[int, int],
@@ -241,7 +270,8 @@ def build_dataset(
     concurrency: int | None = None,
 ) -> Dataset:
     """Dataset of {"image" uint8 (H, W, 3), "mask" uint8 (H, W)} rows at `crop_size` (h, w)
-    (+ int "height", "width", the original size, when not `train`).
+    (+ int "height", "width", the original size, when not `train`). `split` may name several
+    splits, read as one (`["train", "val"]`).
 
     train: shard order shuffled per pass and the mmseg augmentation (random resize to `scale`
     x `ratio_range`, crop with `cat_max_ratio`, flip, photometric, pad). Eval: resize to
@@ -259,15 +289,11 @@ def build_dataset(
     if epochs < 1 or (epochs > 1 and not train):
         raise ValueError(f"epochs must be >= 1 and only train streams repeat, got {epochs}")
     manifest = load_manifest(root)
-    manifest.split(split)  # a clear error for a missing split
     ledger = None
     if on_error == "skip":
         name = _ledger_name(str(root), split)
         ledger = SkipLedger.options(name=name, get_if_exists=True).remote()
-    paths, filesystem = checked_shards(
-        manifest, split, verify=verify, on_error=on_error, ledger=ledger
-    )
-    counts = {shard["path"]: shard["num_samples"] for shard in manifest.split(split)["shards"]}
+    shards, filesystem = checked_shards(manifest, split, verify=verify, record=_record_to(ledger))
     pipeline = build_pipeline(
         manifest,
         train=train,
@@ -281,8 +307,7 @@ def build_dataset(
     for repeat in range(epochs):
         shuffle = FileShuffleConfig(seed=seed * 1_000_003 + repeat) if train else None
         source = CheckedWebDataset(
-            paths,
-            counts=counts,
+            shards,
             ledger=ledger,
             decoder=None,  # raw bytes: PrepareBatch decodes, naming shard and key on errors
             fileselect=[f"*.{pipeline.image_member}", "*.mask.png"],
@@ -290,7 +315,7 @@ def build_dataset(
             shuffle=shuffle,
         )
         raw = ray.data.read_datasource(
-            source, num_cpus=read_cpus, concurrency=concurrency, override_num_blocks=len(paths)
+            source, num_cpus=read_cpus, concurrency=concurrency, override_num_blocks=len(shards)
         )
         # Surface SampleReadError itself (it names shard and key), not Ray's UserCodeException.
         raw.context.raise_original_map_exception = True

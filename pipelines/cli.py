@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
 # module path -> the subcommands it registers (in `segnext --help` order)
@@ -19,14 +20,25 @@ SUBCOMMAND_MODULES = (
     "pipelines.evaluate",  # eval
     "pipelines.predict",  # predict
     "pipelines.registry",  # register
+    "pipelines.export",  # export
     "tune.search",  # tune
 )
+
+
+PROJECT_PACKAGES = ("segnext", "data", "pipelines", "tune")
+QUIET_COMMANDS = ("train", "demo", "tune", "eval")  # long runs: Ray's own output to the log
+GLOBAL_FLAGS = ("--debug", "--verbose")  # accepted anywhere on the command line
+MAX_ERROR_LINES = 6
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="segnext", description="SegNeXt segmentation on Ray: shards, train, tune, eval, serve."
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="show full tracebacks instead of one-line errors")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's own output (worker logs, execution plans) as it comes")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for module_name in SUBCOMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)
@@ -34,8 +46,53 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    from pipelines.console import quiet_console
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    flags = [token for token in argv if token in GLOBAL_FLAGS]
+    args = build_parser().parse_args(flags + [t for t in argv if t not in GLOBAL_FLAGS])
+    # SIGTERM (timeout, schedulers, a closed terminal) unwinds like Ctrl-C: cleanup code runs.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    quiet = not args.verbose and args.command in QUIET_COMMANDS
+    try:
+        with quiet_console(args.command, enabled=quiet):
+            return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"segnext {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if args.debug:
+            raise
+        print(error_message(args.command, error), file=sys.stderr)
+        return 2 if is_user_error(error) else 1
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def is_user_error(error: BaseException) -> bool:
+    """Errors whose message says what to fix: the project's own, bad values, files, MLflow."""
+    if type(error).__module__.split(".")[0] in PROJECT_PACKAGES:
+        return True
+    if isinstance(error, ValueError | OSError):
+        return True
+    mlflow = sys.modules.get("mlflow.exceptions")
+    return mlflow is not None and isinstance(error, mlflow.MlflowException)
+
+
+def error_message(command: str, error: BaseException) -> str:
+    """One line (a few at most) for the user; the traceback only with --debug."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()] or [""]
+    text = "\n  ".join(lines[:MAX_ERROR_LINES])
+    if len(lines) > MAX_ERROR_LINES:
+        text += "\n  ..."
+    if is_user_error(error):
+        return f"segnext {command}: error: {text}"
+    return (
+        f"segnext {command}: unexpected {type(error).__name__}: {text}\n"
+        "  (rerun with `segnext --debug ...` for the traceback)"
+    )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,13 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration value is unknown, mistyped or inconsistent; the message says how to fix it."""
+
+
+# Keys that configs of earlier versions may still hold: why they went, and what to do.
+REMOVED_KEYS = {
+    "data.val_size": "is gone: validation scores every image at its original size, as "
+    "`segnext eval` does; delete the key",
+}
 
 
 @dataclass
@@ -36,7 +44,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     root: str = ""  # shards folder or URI (s3://, gs://) holding dataset.json
-    train_split: str = "train"
+    train_split: str | list[str] = "train"  # one split or several trained on as one
     val_split: str = "val"
     crop_size: list[int] = field(default_factory=lambda: [512, 512])  # (height, width)
     scale: list[int] | None = None  # (long, short) base scale before the random ratio
@@ -44,8 +52,11 @@ class DataConfig:
     cat_max_ratio: float = 0.75
     read_cpus: float = 0.25
     on_error: Literal["raise", "skip"] = "raise"
-    val_size: list[int] | None = None  # (height, width) val images are padded to; None: crop
     stream_epochs: int = 1  # training passes chained into one Ray Data stream (less start-up)
+
+    @property
+    def train_splits(self) -> list[str]:
+        return [self.train_split] if isinstance(self.train_split, str) else list(self.train_split)
 
 
 @dataclass
@@ -127,6 +138,13 @@ class RunSection:
 
 
 @dataclass
+class StorageConfig:
+    # S3-compatible endpoint for s3:// data.root / run.storage_path (MinIO, moto, Ceph), e.g.
+    # http://127.0.0.1:9000; None: $AWS_ENDPOINT_URL_S3 if set, else AWS S3 itself
+    endpoint: str | None = None
+
+
+@dataclass
 class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -139,6 +157,7 @@ class ExperimentConfig:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     run: RunSection = field(default_factory=RunSection)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     @property
     def micro_batch_size(self) -> int:
@@ -230,6 +249,8 @@ def _build(cls: type, raw: Any, *, prefix: str, source: str) -> Any:
     unknown = [key for key in raw if key not in names]
     if unknown:
         key = unknown[0]
+        if f"{prefix}{key}" in REMOVED_KEYS:
+            raise ConfigError(f"{source}: {prefix}{key} {REMOVED_KEYS[f'{prefix}{key}']}")
         close = difflib.get_close_matches(str(key), names, n=1)
         hint = f"did you mean {prefix}{close[0]}?" if close else f"valid keys: {', '.join(names)}"
         raise ConfigError(f"{source}: unknown config key {prefix}{key}; {hint}")
@@ -296,11 +317,13 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
     if hint is float:
         if isinstance(value, str):  # YAML 1.1 reads `6e-5` (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 raise _type_error(value, hint, key, source) from None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise _type_error(value, hint, key, source)
+        if not math.isfinite(value):
+            raise ConfigError(f"{source}: {key} = {value} is not a finite number; set a real value")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -330,11 +353,9 @@ def _validate(cfg: ExperimentConfig, source: str) -> None:
     require(
         cfg.data.scale is None or len(cfg.data.scale) == 2, "data.scale", "must be [long, short]"
     )
-    require(
-        cfg.data.val_size is None or len(cfg.data.val_size) == 2,
-        "data.val_size",
-        "must be [height, width]",
-    )
+    splits = cfg.data.train_splits
+    require(bool(splits) and all(splits), "data.train_split", "must name at least one split")
+    require(len(set(splits)) == len(splits), "data.train_split", f"= {splits} repeats a split")
     require(
         len(cfg.data.ratio_range) == 2 and 0 < cfg.data.ratio_range[0] <= cfg.data.ratio_range[1],
         "data.ratio_range",
@@ -383,6 +404,11 @@ def _validate(cfg: ExperimentConfig, source: str) -> None:
         )
     require(cfg.eval.batch_size > 0, "eval.batch_size", "must be > 0")
     require(bool(cfg.run.storage_path), "run.storage_path", "must not be empty")
+    require(
+        cfg.storage.endpoint is None or cfg.storage.endpoint.startswith(("http://", "https://")),
+        "storage.endpoint",
+        f"= {cfg.storage.endpoint!r} must be a URL such as http://127.0.0.1:9000",
+    )
 
 
 # ---------------------------------------------------------------------------------- output

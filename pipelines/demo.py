@@ -66,11 +66,8 @@ def run_demo(overrides: list[str] | None = None) -> None:
     print(summary(result))
     print(f"\nDemo finished in {minutes:.1f} min. Validation mIoU {result.best_val_miou:.3f} on "
           f"{shards} (val split).")
-    model = (f"; model models:/{cfg.registry.name}/{result.registered_version}"
-             if result.registered_version else "")
-    print(f"MLflow: experiment {cfg.mlflow.experiment!r}, run {result.run_id}{model}. "
-          "Open the UI with:")
-    print(f"  mlflow ui --backend-store-uri {tracking_uri}")
+    print(f"MLflow: experiment {cfg.mlflow.experiment!r}, run {result.run_id}. Open the UI with:")
+    print(f"  .venv/bin/mlflow ui --backend-store-uri {tracking_uri}")
 
 
 def ensure_shards(out: Path) -> None:
@@ -89,7 +86,7 @@ def ensure_shards(out: Path) -> None:
 
 def _start_local_ray(num_workers: int) -> None:
     """A fresh single-node Ray in this process (never a cluster someone else started here)."""
-    from pipelines.train import init_ray
+    from pipelines.cluster import init_ray
 
     cpus = max(num_workers, os.cpu_count() or 1)
     init_ray("local", num_cpus=cpus)

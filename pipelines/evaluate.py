@@ -17,9 +17,7 @@ import argparse
 import json
 import logging
 import math
-import re
 import sys
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -28,13 +26,11 @@ import numpy as np
 if TYPE_CHECKING:
     from data.samples import SamplePipeline
     from data.shards import Manifest
+    from data.stream import OnError, SkipTally
     from pipelines.serving import Segmenter
 
 RAY_ABOVE = 500  # --distributed auto: Ray Data batch inference for splits larger than this
 TOP_CONFUSED = 5
-
-# (sample members, shard url, key): one raw webdataset sample as both paths read it
-RawSample = tuple[dict[str, Any], str, str]
 
 
 @dataclass(frozen=True)
@@ -66,98 +62,51 @@ class EvalResult:
     distributed: bool
     settings: dict[str, Any] = field(default_factory=dict)  # the Segmenter's, minus mean/std
     model_run_id: str | None = None  # the MLflow run that logged the model, if any
-
-
-class OriginalSize:
-    """The eval "transform" for `data.samples.SamplePipeline` that keeps the original size: the
-    pipeline still decodes and validates every sample (naming shard and key on errors)."""
-
-    def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return image, mask
-
-
-def sample_pipeline(manifest: Manifest) -> SamplePipeline:
-    from data.samples import SamplePipeline
-
-    return SamplePipeline(
-        transform=OriginalSize(),  # type: ignore[arg-type]
-        image_member=f"image.{manifest.image_format}",
-        num_classes=len(manifest.classes),
-        ignore_index=manifest.ignore_index,
-    )
-
-
-def score_batch(
-    segmenter: Segmenter, pipeline: SamplePipeline, samples: list[RawSample]
-) -> np.ndarray:
-    """(K, K) confusion matrix of one batch of raw samples, predicted at original size."""
-    import torch
-
-    from segnext.metrics import ConfusionMatrix
-
-    decoded = [pipeline(sample, shard=url, key=key) for sample, url, key in samples]
-    predictions = segmenter.predict([item["image"] for item in decoded])
-    matrix = ConfusionMatrix(pipeline.num_classes, pipeline.ignore_index)
-    for prediction, item in zip(predictions, decoded, strict=True):
-        matrix.update(torch.from_numpy(prediction), torch.tensor(item["mask"]))
-    return matrix.matrix.cpu().numpy()
-
-
-def _batches(samples: Iterable[RawSample], size: int) -> Iterator[list[RawSample]]:
-    batch: list[RawSample] = []
-    for sample in samples:
-        batch.append(sample)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def _raw_samples(urls: list[str], members: tuple[str, ...]) -> Iterator[RawSample]:
-    from data.loader import read_shard
-
-    for url in urls:
-        for sample in read_shard(url):
-            yield {name: sample.get(name) for name in members}, url, str(sample["__key__"])
+    skipped: dict[str, Any] = field(default_factory=lambda: {"count": 0, "examples": []})
 
 
 def evaluate_local(
-    segmenter: Segmenter, manifest: Manifest, split: str, *, progress: bool = True
-) -> np.ndarray:
-    """The split's confusion matrix, computed in this process."""
-    from tqdm import tqdm
+    segmenter: Segmenter,
+    manifest: Manifest,
+    split: str,
+    *,
+    on_error: OnError = "raise",
+    progress: bool = True,
+) -> tuple[np.ndarray, SkipTally]:
+    """The split's confusion matrix computed in this process, and what was skipped."""
+    from pipelines.validation import score_split
 
-    from data.stream import checked_shards
-
-    checked_shards(manifest, split)  # a truncated or missing shard fails here, by name
-    pipeline = sample_pipeline(manifest)
-    k = pipeline.num_classes
-    total = np.zeros((k, k), dtype=np.int64)
-    samples = _raw_samples(manifest.shard_urls(split), (pipeline.image_member, "mask.png"))
-    with tqdm(total=manifest.num_samples(split), unit="img", disable=not progress) as bar:
-        for batch in _batches(samples, segmenter.settings.batch_size):
-            total += score_batch(segmenter, pipeline, batch)
-            bar.update(len(batch))
-    return total
+    scored, skipped = score_split(segmenter, manifest, split, on_error=on_error,
+                                  progress=progress)
+    return scored.matrix, skipped
 
 
 class BatchScorer:
     """Ray Data `map_batches` actor: holds one Segmenter, scores batches of raw samples."""
 
-    def __init__(self, model: str, options: EvalOptions, pipeline: SamplePipeline) -> None:
+    def __init__(
+        self, model: str, options: EvalOptions, pipeline: SamplePipeline, on_error: OnError
+    ) -> None:
         from pipelines.serving import load_segmenter
 
         self.segmenter = load_segmenter(model, **options.overrides())
-        self.pipeline = pipeline
+        self.pipeline, self.on_error = pipeline, on_error
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from data.stream import SkipTally
+        from pipelines.validation import score_samples
+
         members = [name for name in batch if not name.startswith("__")]
         samples = [
             ({name: batch[name][i] for name in members}, str(url), str(key))
             for i, (url, key) in enumerate(zip(batch["__url__"], batch["__key__"], strict=True))
         ]
-        return {"matrix": score_batch(self.segmenter, self.pipeline, samples)[None]}
+        skipped = SkipTally() if self.on_error == "skip" else None
+        scored = score_samples(self.segmenter, self.pipeline, samples, skipped=skipped)
+        return {
+            "matrix": scored.matrix[None],
+            "skipped": np.array([skipped.count if skipped else 0], dtype=np.int64),
+        }
 
 
 def evaluate_ray(
@@ -168,17 +117,23 @@ def evaluate_ray(
     *,
     workers: int | None = None,
     batch_size: int = 4,
-) -> np.ndarray:
+    on_error: OnError = "raise",
+) -> tuple[np.ndarray, SkipTally]:
     """The split's confusion matrix from Ray Data batch inference on `workers` actors (one GPU
-    each when the cluster has GPUs, else one CPU); needs `ray.init` done by the caller."""
+    each when the cluster has GPUs, else one CPU), and the skipped samples; needs `ray.init`
+    done by the caller."""
     import ray
 
-    from data.stream import checked_shards, configure_data_context
+    from data.stream import SkipTally, checked_shards, configure_data_context
+    from pipelines.validation import scoring_pipeline
 
     configure_data_context(progress_bars=False)
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-10-s progress lines
-    paths, filesystem = checked_shards(manifest, split)
-    pipeline = sample_pipeline(manifest)
+    skipped = SkipTally()
+    record = skipped.record if on_error == "skip" else None
+    shards, filesystem = checked_shards(manifest, split, record=record)
+    paths = [shard.path for shard in shards]
+    pipeline = scoring_pipeline(manifest)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     cpus = int(ray.cluster_resources().get("CPU", 1))
     workers = workers or max(1, gpus or cpus - 1)
@@ -191,7 +146,7 @@ def evaluate_ray(
     )
     matrices = raw.map_batches(
         BatchScorer,
-        fn_constructor_args=(model, options, pipeline),
+        fn_constructor_args=(model, options, pipeline, on_error),
         batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=workers),
@@ -202,7 +157,8 @@ def evaluate_ray(
     total = np.zeros((k, k), dtype=np.int64)
     for row in matrices.iter_rows():
         total += np.asarray(row["matrix"], dtype=np.int64)
-    return total
+        skipped.count += int(row["skipped"])
+    return total, skipped
 
 
 def evaluate(
@@ -214,6 +170,7 @@ def evaluate(
     distributed: str = "auto",
     workers: int | None = None,
     progress: bool = True,
+    on_error: OnError = "raise",
 ) -> EvalResult:
     """Score `model` (checkpoint or MLflow model reference) on `data` (shards root)."""
     import torch
@@ -238,33 +195,39 @@ def evaluate(
         key: value for key, value in vars(segmenter.settings).items() if key not in ("mean", "std")
     }
     if use_ray:
-        import ray
+        from pipelines.cluster import init_ray
 
-        if not ray.is_initialized():
-            ray.init(logging_level="WARNING", runtime_env={"env_vars": _worker_env()})
-        matrix = evaluate_ray(
+        init_ray(None, env=_worker_env())
+        matrix, skipped = evaluate_ray(
             model,
             manifest,
             split,
             options,
             workers=workers,
             batch_size=segmenter.settings.batch_size,
+            on_error=on_error,
         )
     else:
-        matrix = evaluate_local(segmenter, manifest, split, progress=progress)
+        matrix, skipped = evaluate_local(
+            segmenter, manifest, split, on_error=on_error, progress=progress
+        )
     accumulator = ConfusionMatrix(len(manifest.classes), manifest.ignore_index)
     accumulator.matrix = torch.from_numpy(matrix)
     scores = accumulator.compute(class_names=manifest.classes, top_confused=TOP_CONFUSED)
     return EvalResult(
-        matrix, scores, list(manifest.classes), num_samples, use_ray, settings, source.run_id
+        matrix, scores, list(manifest.classes), num_samples, use_ray, settings, source.run_id,
+        skipped=skipped.report(),
     )
 
 
 def _worker_env() -> dict[str, str]:
-    """Ray workers need this process's tracking store to resolve models:/ URIs."""
+    """Ray workers need this process's tracking store to resolve models:/ URIs, and its S3
+    endpoint to read shards and checkpoints."""
     import mlflow
 
-    return {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    from data.fs import endpoint_env
+
+    return {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), **endpoint_env()}
 
 
 def _check_classes(names: list[str], manifest: Manifest, model: str, data: str) -> None:
@@ -286,8 +249,17 @@ def format_report(result: EvalResult, split: str) -> str:
         f"{', TTA' if result.settings.get('flip') else ''}",
         f"  mIoU {100 * scores['mIoU']:.2f}   aAcc {100 * scores['aAcc']:.2f}   "
         f"mAcc {100 * scores['mAcc']:.2f}",
-        "  per-class IoU:",
     ]
+    skipped = result.skipped
+    if skipped["count"]:
+        lines.append(f"  skipped {skipped['count']} unreadable samples (--on-error skip):")
+        lines.extend(
+            f"    {entry['shard']} {entry['key']}: {entry['reason']}"
+            for entry in skipped["examples"][:5]
+        )
+    else:
+        lines.append("  skipped 0 samples")
+    lines.append("  per-class IoU:")
     width = max(len(name) for name in result.class_names)
     for name, iou in zip(result.class_names, scores["per_class_iou"], strict=True):
         value = "   n/a" if math.isnan(iou) else f"{100 * iou:6.2f}"
@@ -300,10 +272,6 @@ def format_report(result: EvalResult, split: str) -> str:
                 f"({pair['pixels']} px)"
             )
     return "\n".join(lines)
-
-
-def _metric_name(text: str) -> str:
-    return re.sub(r"[^\w\-. /]", "_", text)
 
 
 def log_to_mlflow(
@@ -343,7 +311,8 @@ def log_to_mlflow(
     scores = result.scores
     values = {f"{prefix}/{key}": scores[key] for key in ("mIoU", "aAcc", "mAcc")}
     for name, iou in zip(result.class_names, scores["per_class_iou"], strict=True):
-        values[f"{prefix}/IoU/{_metric_name(name)}"] = iou
+        values[f"{prefix}/IoU/{tracking.metric_name(name)}"] = iou
+    values[f"{prefix}/skipped_samples"] = result.skipped["count"]
     metrics = [Metric(key, float(v), 0, 0) for key, v in values.items() if not math.isnan(v)]
     client.log_batch(run_id, metrics=metrics)
     figures = (
@@ -360,6 +329,7 @@ def log_to_mlflow(
             "split": split,
             "num_samples": result.num_samples,
             "settings": result.settings,
+            "skipped": result.skipped,
             "scores": scores,
             "class_names": result.class_names,
             "confusion_matrix": result.matrix.tolist(),
@@ -402,6 +372,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--workers", type=int, default=None, help="Ray inference actors")
     parser.add_argument(
+        "--on-error",
+        choices=("raise", "skip"),
+        default="raise",
+        help="an unreadable sample stops the command (raise) or is skipped and counted (skip)",
+    )
+    parser.add_argument(
         "--log-to",
         choices=("new", "model", "none"),
         default="new",
@@ -434,6 +410,7 @@ def _main(args: argparse.Namespace) -> int:
         distributed=args.distributed,
         workers=args.workers,
         progress=sys.stderr.isatty(),
+        on_error=args.on_error,
     )
     print(format_report(result, args.split))
     if args.json:

@@ -34,6 +34,11 @@ def project_root() -> Path:
     return root if (root / "pyproject.toml").is_file() else Path.cwd()
 
 
+def metric_name(text: str) -> str:
+    """A metric key MLflow accepts: letters, digits, _ - . / and spaces; anything else -> _."""
+    return "".join(c if c.isalnum() or c in "_-. /" else "_" for c in text)
+
+
 def resolve_tracking_uri(configured: str | None = None) -> str:
     """Config value, else $MLFLOW_TRACKING_URI, else SQLite under <repo>/runs; always absolute."""
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI")

@@ -8,18 +8,18 @@ typo costs seconds, not a cluster start-up, and the SQLite store is never create
 from __future__ import annotations
 
 import argparse
-import os
+import hashlib
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from pipelines.cluster import WORKER_ENV, init_ray
 from pipelines.config import ConfigError, ExperimentConfig, load_config, to_dict, to_yaml
 
 SCORE = "val/mIoU"
-# Ray Train V2 tees print() into its logger too, so every line would show twice on the driver.
-WORKER_ENV = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 CURVES = ("train/loss", "val/mIoU", "val/aAcc", "perf/images_per_s")
 
 
@@ -34,6 +34,11 @@ class TrainResult:
     iteration: int = 0
     start_iteration: int = 0  # > 0 when the last attempt resumed from a checkpoint
     registered_version: str | None = None  # model registry version of the best checkpoint
+    skipped: dict[str, int] = field(default_factory=dict)  # split -> samples left out (on_error)
+    tracking_uri: str = ""
+    model_uri: str | None = None  # models:/NAME/VERSION of the registered best checkpoint
+    data_root: str = ""
+    val_split: str = "val"
 
 
 @dataclass
@@ -76,14 +81,26 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def summary(result: TrainResult) -> str:
+    """Where the results are and what to run next."""
     miou = "n/a" if result.best_val_miou is None else f"{result.best_val_miou:.4f}"
-    return (
-        f"run {result.run_name} finished at iteration {result.iteration}\n"
-        f"  best val mIoU    {miou}\n"
-        f"  best checkpoint  {result.best_checkpoint}\n"
-        f"  Ray run folder   {result.path}\n"
-        f"  MLflow run id    {result.run_id}"
-    )
+    skipped = ", ".join(f"{split} {count}" for split, count in result.skipped.items()) or "none"
+    lines = [
+        f"run {result.run_name} finished at iteration {result.iteration}",
+        f"  best val mIoU    {miou}",
+        f"  best checkpoint  {result.best_checkpoint}",
+        f"  Ray run folder   {result.path}",
+        f"  MLflow run id    {result.run_id}",
+        f"  skipped samples  {skipped}",
+    ]
+    if result.model_uri:
+        lines.append(f"  registered model {result.model_uri}")
+    if result.tracking_uri:
+        lines.append(f"  MLflow UI        mlflow ui --backend-store-uri {result.tracking_uri}")
+    model = result.model_uri or result.best_checkpoint
+    if model and result.data_root:
+        lines.append(f"next: segnext eval --model {model} --data {result.data_root} "
+                     f"--split {result.val_split}")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------- API
@@ -91,17 +108,20 @@ def summary(result: TrainResult) -> str:
 
 def train(cfg: ExperimentConfig, *, resume: str | None = None, config_name: str = "run") -> TrainResult:
     """`segnext train`: name the run (or pick the one to resume) and run it."""
+    from pipelines import storage as run_storage
+
     storage = _absolute(cfg.run.storage_path)
+    run_storage.configure_endpoint(cfg.storage.endpoint)
     if resume:
         run_name = resume
-        if _is_local(storage) and not (Path(storage) / run_name).is_dir():
+        if not run_storage.exists(run_storage.join(storage, run_name), key="run.storage_path"):
             raise ConfigError(
-                f"--resume {run_name}: no run folder {Path(storage) / run_name}; pass a run name "
-                f"that exists under run.storage_path ({storage})"
+                f"--resume {run_name}: no run folder {run_storage.join(storage, run_name)}; pass "
+                f"a run name that exists under run.storage_path ({storage})"
             )
     else:
         run_name = cfg.run.name or f"{config_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if _is_local(storage) and (Path(storage) / run_name).exists():
+        if run_storage.exists(run_storage.join(storage, run_name), key="run.storage_path"):
             raise ConfigError(
                 f"run {run_name} already exists in {storage}; continue it with --resume "
                 f"{run_name} or choose another run.name"
@@ -127,7 +147,12 @@ def run_training(
     cfg = replace(cfg, run=replace(cfg.run, name=run_name, storage_path=storage_path))
     prepared = prepare(cfg)
     cfg = prepared.cfg
-    print(f"[segnext] run {run_name}: resolved config\n{to_yaml(cfg)}", flush=True)
+    from pipelines.console import log_only
+
+    print(f"[segnext] run {run_name}: {cfg.model.variant} {cfg.model.classifier}, "
+          f"{prepared.train_samples} training images, {cfg.schedule.iterations} iterations, "
+          f"{cfg.ray.num_workers} {'GPU' if cfg.ray.use_gpu else 'CPU'} workers", flush=True)
+    log_only(f"[segnext] resolved config\n{to_yaml(cfg)}")
 
     from mlflow.tracking import MlflowClient
 
@@ -149,30 +174,16 @@ def run_training(
     return _finish(cfg, client, tracking_uri, run_id, run_name, result)
 
 
-def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
-    """Join (or start) Ray unless already connected; quiet worker logs, worker environment."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    for key, value in WORKER_ENV.items():
-        os.environ.setdefault(key, value)
-    ray.init(
-        address=address,
-        num_cpus=num_cpus,
-        logging_level="WARNING",
-        logging_config=ray.LoggingConfig(log_level="WARNING"),
-        runtime_env={"env_vars": WORKER_ENV},
-    )
-
-
 def prepare(cfg: ExperimentConfig) -> Prepared:
     """Resolve paths, read the manifest, dry-build the model: every error here is a ConfigError."""
     from data.shards import load_manifest
     from data.transforms import MEAN, STD
+    from pipelines import storage
     from pipelines.checkpoint import build_meta
     from pipelines.train_loop import build_model
 
+    storage.configure_endpoint(cfg.storage.endpoint)
+    storage.preflight(cfg)  # endpoint, bucket, credentials: before any worker starts
     root = cfg.data.root if not _is_local(cfg.data.root) else _absolute(cfg.data.root)
     if _is_local(root) and not Path(root).is_dir():
         raise ConfigError(
@@ -189,16 +200,18 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
             f"model.num_classes = {cfg.model.num_classes} but {root} has {num_classes} classes; "
             "remove model.num_classes to take it from the manifest"
         )
-    for key in ("train_split", "val_split"):
-        split = getattr(cfg.data, key)
-        if split not in manifest.splits:
+    for key, splits in (("train_split", cfg.data.train_splits), ("val_split", [cfg.data.val_split])):
+        missing = [split for split in splits if split not in manifest.splits]
+        if missing:
+            value = getattr(cfg.data, key)
             raise ConfigError(
-                f"data.{key} = {split!r} is not in {root} (splits: {sorted(manifest.splits)})"
+                f"data.{key} = {value!r} is not in {root} (splits: {sorted(manifest.splits)})"
             )
-    per_worker = manifest.num_samples(cfg.data.train_split) // cfg.ray.num_workers
-    if per_worker < cfg.micro_batch_size:
+    _check_shards_present(manifest, [*cfg.data.train_splits, cfg.data.val_split], cfg.data.on_error)
+    train_samples = sum(manifest.num_samples(split) for split in cfg.data.train_splits)
+    if train_samples // cfg.ray.num_workers < cfg.micro_batch_size:
         raise ConfigError(
-            f"split {cfg.data.train_split!r} has {manifest.num_samples(cfg.data.train_split)} "
+            f"data.train_split {cfg.data.train_split!r} has {train_samples} "
             f"samples: fewer than one batch of {cfg.micro_batch_size} per worker for "
             f"{cfg.ray.num_workers} workers; lower train.global_batch_size or ray.num_workers"
         )
@@ -207,8 +220,6 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
         pretrained = _absolute(pretrained)
         if not Path(pretrained).is_file():
             raise ConfigError(f"model.pretrained {pretrained} does not exist; fix the path")
-    if cfg.train.fail_at_iteration is not None and not _is_local(cfg.run.storage_path):
-        raise ConfigError("train.fail_at_iteration (a test hook) needs a local run.storage_path")
     cfg = replace(
         cfg,
         data=replace(cfg.data, root=root),
@@ -233,7 +244,20 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
         crop_size=cfg.data.crop_size,
     )
     return Prepared(cfg=cfg, meta=meta, num_params=sum(p.numel() for p in model.parameters()),
-                    train_samples=manifest.num_samples(cfg.data.train_split))
+                    train_samples=train_samples)
+
+
+def _check_shards_present(manifest, splits: list[str], on_error: str) -> None:
+    """Every shard the run will read exists with its manifest size (a stat each, local or
+    object store): a missing shard stops the run here, not in a read task hours later. Under
+    `data.on_error: skip` the run may start with shards missing; they are counted then."""
+    from data.samples import SampleReadError
+    from data.stream import checked_shards
+
+    try:
+        checked_shards(manifest, splits, record=(lambda entries: None) if on_error == "skip" else None)
+    except SampleReadError as error:
+        raise ConfigError(str(error)) from error
 
 
 # ---------------------------------------------------------------------------------- pieces
@@ -274,23 +298,20 @@ def _fit(cfg, prepared, run_name, storage_path, callbacks, *, tracking_uri, run_
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from data.stream import build_dataset, configure_data_context
+    from pipelines import storage as run_storage
 
     configure_data_context(progress_bars=False)  # the context travels with the datasets
 
+    # Only the train split streams through Ray Data; validation reads its split on the workers
+    # (pipelines.validation), at original size, as `segnext eval` does.
     datasets = {
         "train": build_dataset(
-            cfg.data.root, cfg.data.train_split, train=True,
+            cfg.data.root, cfg.data.train_splits, train=True,
             crop_size=tuple(cfg.data.crop_size),
             scale=tuple(cfg.data.scale) if cfg.data.scale else None,
             ratio_range=tuple(cfg.data.ratio_range), cat_max_ratio=cfg.data.cat_max_ratio,
             seed=cfg.train.seed, epochs=cfg.data.stream_epochs, on_error=cfg.data.on_error,
             read_cpus=cfg.data.read_cpus,
-        ),
-        "val": build_dataset(
-            cfg.data.root, cfg.data.val_split, train=False,
-            crop_size=tuple(cfg.data.val_size or cfg.data.crop_size),
-            scale=tuple(cfg.data.scale) if cfg.data.scale else None,
-            seed=cfg.train.seed, on_error=cfg.data.on_error, read_cpus=cfg.data.read_cpus,
         ),
     }
     loop_config = {
@@ -299,9 +320,10 @@ def _fit(cfg, prepared, run_name, storage_path, callbacks, *, tracking_uri, run_
         "tracking_uri": tracking_uri,
         "run_id": run_id,
         "train_samples": prepared.train_samples,
-        "fault_marker": str(Path(storage_path) / run_name / "fault-injected.marker"),
+        "fault_marker": _fault_marker(storage_path, run_name, run_id),
     }
     resources = {"CPU": cfg.ray.cpus_per_worker, **cfg.ray.resources_per_worker}
+    storage_fs, storage_fs_path = run_storage.resolve(storage_path)
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config=loop_config,
@@ -312,7 +334,9 @@ def _fit(cfg, prepared, run_name, storage_path, callbacks, *, tracking_uri, run_
         ),
         run_config=ray.train.RunConfig(
             name=run_name,
-            storage_path=storage_path,
+            # through the project's filesystem (S3 endpoint and region), path without scheme
+            storage_path=storage_fs_path,
+            storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             # Ray 2.60 keeps the K best by score and never deletes the latest: best K + latest.
             checkpoint_config=ray.train.CheckpointConfig(
@@ -321,11 +345,12 @@ def _fit(cfg, prepared, run_name, storage_path, callbacks, *, tracking_uri, run_
                 checkpoint_score_order="max",
             ),
             callbacks=callbacks,
-            worker_runtime_env={"env_vars": WORKER_ENV},
+            worker_runtime_env={
+                "env_vars": {**WORKER_ENV, **run_storage.configure_endpoint(cfg.storage.endpoint)}
+            },
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
         datasets=datasets,
-        dataset_config=_eval_split_data_config(("val",)),
     )
     return trainer.fit()
 
@@ -340,16 +365,22 @@ def _train_loop(config: dict[str, Any]) -> dict[str, Any]:
 def _finish(cfg, client, tracking_uri, run_id, run_name, result) -> TrainResult:
     """Best checkpoint, curves, registry, end of the MLflow run."""
     from pipelines import tracking
+    from pipelines.storage import uri_of
 
     best_path, best_score = None, None
     for checkpoint, metrics in result.best_checkpoints or []:
         score = metrics.get(SCORE)
         if score is not None and (best_score is None or score > best_score):
-            best_path, best_score = checkpoint.path, float(score)
+            best_path, best_score = uri_of(checkpoint.filesystem, checkpoint.path), float(score)
     returned = result.return_value or {}
+    skipped = _log_skipped(cfg, client, run_id, returned)
     if best_score is not None:
         client.log_metric(run_id, "best/val_mIoU", best_score)
         client.set_tag(run_id, "best_checkpoint", best_path)
+    from pipelines.console import current_log
+
+    if current_log() is not None:  # the console's full log, as far as it goes
+        client.log_artifact(run_id, str(current_log()), "logs")
     histories = tracking.metric_histories(client, run_id, CURVES)
     client.log_figure(run_id, tracking.curves_figure(histories), "curves.png")
     version = None
@@ -363,14 +394,48 @@ def _finish(cfg, client, tracking_uri, run_id, run_name, result) -> TrainResult:
     return TrainResult(
         run_name=run_name,
         run_id=run_id,
-        path=str(result.path),
+        path=uri_of(result.filesystem, result.path),
         best_checkpoint=best_path,
         best_val_miou=best_score,
         metrics=dict(result.metrics or {}),
         iteration=int(returned.get("iteration", 0)),
         start_iteration=int(returned.get("start_iteration", 0)),
         registered_version=version,
+        skipped=skipped,
+        tracking_uri=tracking_uri,
+        model_uri=f"models:/{cfg.registry.name}/{version}" if version else None,
+        data_root=cfg.data.root,
+        val_split=cfg.data.val_split,
     )
+
+
+def _log_skipped(cfg, client, run_id: str, returned: dict[str, Any]) -> dict[str, int]:
+    """Samples left out under `data.on_error: skip`, per split: a metric, a tag, the summary.
+
+    The train count comes from the stream's ledger (every pass counts again, so it is the sum
+    over the passes streamed); the val count is that of the last validation."""
+    from data.stream import skipped_samples, split_label
+    from pipelines.tracking import metric_name
+
+    train = split_label(cfg.data.train_splits)
+    counts = {
+        train: int(skipped_samples(cfg.data.root, cfg.data.train_splits)["count"]),
+        cfg.data.val_split: int(returned.get("metrics", {}).get("val/skipped_samples", 0)),
+    }
+    for split, count in counts.items():
+        client.log_metric(run_id, metric_name(f"data/skipped/{split}"), count)
+        client.set_tag(run_id, metric_name(f"data.skipped.{split}"), str(count))
+    return counts
+
+
+def _fault_marker(storage_path: str, run_name: str, run_id: str) -> str:
+    """Where the fault-injection test hook records that it fired: in the run folder when that
+    is local, else in this machine's temp folder (the hook is for single-machine tests), keyed
+    by the MLflow run, which --resume continues and a new run of the same name does not."""
+    if _is_local(storage_path):
+        return str(Path(storage_path) / run_name / "fault-injected.marker")
+    digest = hashlib.sha1(f"{storage_path}/{run_name}/{run_id}".encode()).hexdigest()[:16]
+    return str(Path(tempfile.gettempdir()) / "segnext-faults" / f"{digest}.marker")
 
 
 def _is_local(path: str) -> bool:
@@ -379,28 +444,3 @@ def _is_local(path: str) -> bool:
 
 def _absolute(path: str) -> str:
     return str(Path(path).expanduser().resolve()) if _is_local(path) else path
-
-
-def _eval_split_data_config(eval_datasets: tuple[str, ...]):
-    """A DataConfig that splits training data equally (DDP needs equal step counts per worker)
-    but evaluation data exactly: Ray splits every dataset with `equal=True`, which drops up to
-    `workers - 1` rows, and a validation score must see every sample once (`equal=False`)."""
-    from ray.train import DataConfig
-
-    class EvalSplitDataConfig(DataConfig):
-        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-            train_sets = {k: v for k, v in datasets.items() if k not in eval_datasets}
-            output = super().configure(train_sets, world_size, worker_handles, worker_node_ids,
-                                       **kwargs)
-            for name in eval_datasets:
-                if name not in datasets:  # Ray 2.60 configures one dataset per call
-                    continue
-                dataset = datasets[name].copy(datasets[name])
-                if dataset.name is None:
-                    dataset.set_name(name)
-                dataset.context.execution_options = self._resolve_execution_options(name)
-                for rank, split in enumerate(dataset.streaming_split(world_size, equal=False)):
-                    output[rank][name] = split
-            return output
-
-    return EvalSplitDataConfig(datasets_to_split="all")

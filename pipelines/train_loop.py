@@ -26,7 +26,6 @@ from torch import nn
 
 import segnext
 from data.stream import iter_batches
-from data.transforms import MEAN, STD
 from pipelines import tracking
 from pipelines.checkpoint import load_checkpoint, model_overrides, save_checkpoint
 from pipelines.config import ExperimentConfig, config_from_dict, to_flat_dict
@@ -142,6 +141,49 @@ def _move_optimizer_state(optimizer: torch.optim.Optimizer, device: torch.device
                 per_param[key] = value.to(device)
 
 
+class Validator:
+    """Scores this worker's share of the val split at original size with the code `segnext
+    eval` runs (`pipelines.validation`), then sums the confusion matrices over all workers."""
+
+    def __init__(self, cfg: ExperimentConfig, meta: dict[str, Any], core: nn.Module, *,
+                 device: torch.device, rank: int, world: int) -> None:
+        from data.shards import load_manifest
+        from pipelines.serving import Segmenter, settings_from_checkpoint
+
+        self.cfg, self.rank, self.world, self.core = cfg, rank, world, core
+        self.manifest = load_manifest(cfg.data.root)
+        # The settings `segnext eval` derives from this run's checkpoints: same meta, same config.
+        settings = settings_from_checkpoint({"meta": meta, "config": to_flat_dict(cfg)})
+        self.segmenter = Segmenter(
+            core, settings, class_names=meta["class_names"], palette=meta["palette"],
+            ignore_index=meta["ignore_index"], device=device,
+        )
+        core.train()  # Segmenter puts its model in eval mode; training goes on
+        self.device = device
+        self.preview: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def run(self) -> tuple[np.ndarray, int]:
+        """(summed (K, K) confusion matrix, samples skipped on all workers)."""
+        from pipelines.validation import score_split
+
+        self.core.eval()
+        try:
+            scored, skipped = score_split(
+                self.segmenter, self.manifest, self.cfg.data.val_split, rank=self.rank,
+                world=self.world, on_error=self.cfg.data.on_error,
+                preview=PREVIEW_SAMPLES if self.rank == 0 else 0,
+            )
+        finally:
+            self.core.train()
+        self.preview = scored.preview
+        totals = torch.from_numpy(np.append(scored.matrix.ravel(), skipped.count)).to(self.device)
+        if self.world > 1:
+            dist.all_reduce(totals)
+        totals = totals.cpu().numpy()
+        k = scored.matrix.shape[0]
+        return totals[:-1].reshape(k, k), int(totals[-1])
+
+
 class _Runner:
     """The iteration loop and its periodic duties (log, validate, checkpoint, stop)."""
 
@@ -158,6 +200,7 @@ class _Runner:
             else contextlib.nullcontext()
         )
         self.started = time.monotonic()
+        self.validator = Validator(cfg, self.meta, core, device=device, rank=rank, world=world)
         self._reset_window()
 
     # ---------------------------------------------------------------- main loop
@@ -262,31 +305,37 @@ class _Runner:
         })
         self.logger.metrics(metrics, step=self.state.iteration)
         if self.rank == 0:
+            done = self.state.iteration - self.state.start_iteration
+            left = self.cfg.schedule.iterations - self.state.iteration
+            eta = (time.monotonic() - self.started) / max(done, 1) * left
+            last_val = self.state.last_val.get("val/mIoU")
             print(
                 f"[segnext] it {self.state.iteration}/{self.cfg.schedule.iterations} "
                 f"epoch {self.state.epoch} loss {metrics['train/loss']:.4f} "
                 f"lr {self.optimizer.param_groups[0]['lr']:.2e} "
                 f"{metrics['perf/images_per_s']:.1f} img/s "
-                f"step {metrics['perf/step_time_s']:.3f}s "
-                f"data-wait {100 * metrics['perf/data_wait_fraction']:.0f}%",
+                f"data-wait {100 * metrics['perf/data_wait_fraction']:.0f}% "
+                f"eta {_duration(eta)}"
+                + ("" if last_val is None else f" val mIoU {last_val:.4f}"),
                 flush=True,
             )
         self._reset_window()
 
     def _validate_and_report(self, *, checkpoint: bool) -> None:
         val_start = time.perf_counter()
-        matrix, preview = self._evaluate()
+        matrix, skipped = self.validator.run()
         result = segnext.ConfusionMatrix(self.meta["num_classes"], self.meta["ignore_index"])
-        result.matrix = matrix.cpu()
+        result.matrix = torch.from_numpy(matrix)
         summary = result.compute(class_names=self.meta["class_names"], top_confused=TOP_CONFUSED)
         metrics = {
             "val/mIoU": float(summary["mIoU"]),
             "val/aAcc": float(summary["aAcc"]),
             "val/mAcc": float(summary["mAcc"]),
+            "val/skipped_samples": float(skipped),
         }
         self.state.last_val = dict(metrics)
         if self.rank == 0:
-            self._log_validation(metrics, summary, result.matrix.numpy(), preview)
+            self._log_validation(metrics, summary, matrix, self.validator.preview)
             print(
                 f"[segnext] validation at it {self.state.iteration}: mIoU {metrics['val/mIoU']:.4f} "
                 f"aAcc {metrics['val/aAcc']:.4f} ({time.perf_counter() - val_start:.1f}s)",
@@ -296,42 +345,11 @@ class _Runner:
         self._report(report, checkpoint=checkpoint)
         self.window["start"] += time.perf_counter() - val_start  # keep throughput honest
 
-    @torch.no_grad()
-    def _evaluate(self) -> tuple[torch.Tensor, dict[str, np.ndarray] | None]:
-        """This worker's share of the val split, confusion matrices summed over all workers."""
-        cfg, core = self.cfg, self.core
-        k = self.meta["num_classes"]
-        matrix = segnext.ConfusionMatrix(k, self.meta["ignore_index"])
-        matrix.matrix = matrix.matrix.to(self.device)
-        preview = None
-        slide = {}
-        if cfg.eval.mode == "slide":
-            slide = {"crop_size": tuple(cfg.eval.crop), "stride": tuple(cfg.eval.stride)}
-        core.eval()
-        try:
-            shard = ray.train.get_dataset_shard("val")
-            for batch in iter_batches(shard, cfg.eval.batch_size, device=self.device,
-                                      drop_last=False):
-                images, masks = batch["images"], batch["masks"]
-                with self.autocast:
-                    logits = segnext.predict_logits(core, images, mode=cfg.eval.mode, **slide)
-                preds = logits.argmax(dim=1)
-                matrix.update(preds, masks)
-                if preview is None and self.rank == 0:
-                    preview = _preview(images, masks, preds)
-        finally:
-            core.train()
-        counts = matrix.matrix
-        if self.world > 1:
-            counts = counts.to(self.device)
-            dist.all_reduce(counts)
-        return counts, preview
-
     def _log_validation(self, metrics, summary, matrix, preview) -> None:
         step = self.state.iteration
         names = self.meta["class_names"]
         per_class = {
-            f"val/IoU/{_metric_name(name)}": float(iou)
+            f"val/IoU/{tracking.metric_name(name)}": float(iou)
             for name, iou in zip(names, summary["per_class_iou"], strict=True)
         }
         self.logger.metrics({**metrics, **per_class}, step=step)
@@ -349,11 +367,11 @@ class _Runner:
                            f"{folder}/confusion_matrix.png")
         self.logger.figure(tracking.per_class_iou_figure(summary["per_class_iou"], names),
                            f"{folder}/per_class_iou.png")
-        if preview is not None:
+        if preview:
+            images, masks, preds = zip(*preview, strict=True)
             self.logger.figure(
                 tracking.prediction_grid_figure(
-                    preview["images"], preview["masks"], preview["preds"],
-                    self.meta["palette"], self.meta["ignore_index"],
+                    images, masks, preds, self.meta["palette"], self.meta["ignore_index"]
                 ),
                 f"{folder}/predictions.png",
             )
@@ -364,12 +382,16 @@ class _Runner:
         if not checkpoint:
             ray.train.report(metrics)
             return
-        with tempfile.TemporaryDirectory(prefix="segnext-ckpt-") as folder:
-            attached = None
-            if self.rank == 0:
-                save_checkpoint(folder, self._payload(metrics))
-                attached = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report(metrics, checkpoint=attached, checkpoint_dir_name=name)
+        attached = None
+        if self.rank == 0:
+            # Uploaded in a background thread (training goes on), then deleted by Ray. Ray
+            # registers a checkpoint (for restore, best-K, the result) only once its upload is
+            # complete; a crash mid-upload leaves it unregistered, never half-registered.
+            folder = tempfile.mkdtemp(prefix="segnext-ckpt-")
+            save_checkpoint(folder, self._payload(metrics))
+            attached = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(metrics, checkpoint=attached, checkpoint_dir_name=name,
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
 
     def _payload(self, metrics: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -411,19 +433,7 @@ class _Runner:
         return tensor.cpu().numpy()
 
 
-def _preview(images: torch.Tensor, masks: torch.Tensor, preds: torch.Tensor) -> dict:
-    """The first few validation samples back in uint8 RGB for the prediction grid."""
-    n = min(PREVIEW_SAMPLES, images.shape[0])
-    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
-    rgb = (images[:n].float() * std + mean).clamp(0, 255).round().to(torch.uint8)
-    return {
-        "images": rgb.permute(0, 2, 3, 1).cpu().numpy(),
-        "masks": masks[:n].cpu().numpy(),
-        "preds": preds[:n].cpu().numpy(),
-    }
-
-
-def _metric_name(name: str) -> str:
-    """MLflow metric keys allow letters, digits, _ - . / and spaces."""
-    return "".join(c if c.isalnum() or c in "_-. " else "_" for c in name)
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"

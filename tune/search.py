@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipelines.cluster import init_ray
 from pipelines.config import ConfigError, ExperimentConfig, to_flat_dict, with_overrides
 from tune.space import SearchSettings, load_search_config
 
@@ -187,7 +188,7 @@ def run_search(
             f"--resume {name} or choose another run.name"
         )
 
-    _init_ray(cfg)
+    init_ray(cfg.ray.address)
     notes: list[str] = []
     concurrency = _plan(cfg, settings, notes)  # a search that cannot run ends here
     # The MLflow store and experiment are created here, in the driver, before any worker.
@@ -356,21 +357,6 @@ def _plan(cfg: ExperimentConfig, settings: SearchSettings, notes: list[str]) -> 
 def _format_resources(resources: dict[str, float], keys: dict | None = None) -> str:
     shown = keys if keys is not None else resources
     return "{" + ", ".join(f"{key}: {resources.get(key, 0.0):g}" for key in shown) + "}"
-
-
-def _init_ray(cfg: ExperimentConfig) -> None:
-    import os
-
-    import ray
-
-    from pipelines.train import WORKER_ENV
-
-    for key, value in WORKER_ENV.items():
-        os.environ.setdefault(key, value)
-    if not ray.is_initialized():
-        ray.init(
-            address=cfg.ray.address, logging_level="WARNING", runtime_env={"env_vars": WORKER_ENV}
-        )
 
 
 def _shutdown_ray() -> None:

@@ -85,13 +85,19 @@ def test_files_that_are_not_ours(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "missing")
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a zip at all")
-    with pytest.raises(CheckpointError, match="not a SegNeXt checkpoint"):
+    with pytest.raises(CheckpointError, match="garbage.pt is truncated, corrupt or not a torch"):
         load_checkpoint(garbage)
+    truncated = tmp_path / "truncated.pt"
+    torch.save({"model": {"w": torch.zeros(64)}}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="truncated.pt is truncated, corrupt"):
+        load_checkpoint(truncated)
 
     pickled = tmp_path / "code.pt"
     torch.save({"model": NotWeights()}, pickled)
-    with pytest.raises(CheckpointError, match="weights_only=True failed"):
+    with pytest.raises(CheckpointError, match="holds pickled Python objects") as refused:
         load_checkpoint(pickled)
+    assert "weights_only=False" not in str(refused.value)  # never advise the unsafe load
 
     plain = tmp_path / "plain.pt"
     torch.save({"state_dict": {"w": torch.zeros(1)}}, plain)
@@ -102,3 +108,31 @@ def test_files_that_are_not_ours(tmp_path: Path) -> None:
     torch.save({"model": {}, "iteration": 0, "meta": {"format": "other/9"}}, other)
     with pytest.raises(CheckpointError, match="format 'other/9'"):
         load_checkpoint(other)
+
+
+def test_cli_refuses_a_malicious_file_in_one_line(tmp_path: Path, capsys) -> None:
+    """Through the command line: exit 2, one line naming the file, no traceback, no advice to
+    load it unsafely, and the payload never runs."""
+    from pipelines.cli import main
+
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": Payload(str(marker))}, evil)
+    image = tmp_path / "image.png"
+    image.write_bytes(b"")
+    code = main(["predict", "--model", str(evil), "--input", str(image), "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and not marker.exists()
+    assert err.startswith(f"segnext predict: error: {evil} holds pickled Python objects")
+    assert "Traceback" not in err and "weights_only=False" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+class Payload:
+    """Unpickling would create the marker file (it must never happen)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))

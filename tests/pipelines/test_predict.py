@@ -60,20 +60,16 @@ def test_predict_writes_masks_overlays_and_legend(tmp_path):
     assert [entry["color"] for entry in legend] == [list(c) for c in PALETTE]
 
 
-def test_predict_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
+def test_predict_refuses_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
     image = tmp_path / "image.png"
     _write_image(image, 8, 8, 0)
-    with pytest.raises(CheckpointError, match="not a SegNeXt checkpoint"):
-        main(["predict", "--model", str(image), "--input", str(image), "--out", str(tmp_path)])
+    with pytest.raises(CheckpointError, match="is truncated, corrupt or not a torch checkpoint"):
+        main(["--debug", "predict", "--model", str(image), "--input", str(image),
+              "--out", str(tmp_path)])
+    code = main(["predict", "--model", str(image), "--input", str(image), "--out", str(tmp_path)])
+    assert code == 2
+    assert capsys.readouterr().err.startswith(f"segnext predict: error: {image} is truncated")
+    missing = tmp_path / "nope.png"
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
-        main(
-            [
-                "predict",
-                "--model",
-                str(image),
-                "--input",
-                str(tmp_path / "nope.png"),
-                "--out",
-                str(tmp_path),
-            ]
-        )
+        main(["--debug", "predict", "--model", str(image), "--input", str(missing),
+              "--out", str(tmp_path)])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,11 @@ def no_workers(monkeypatch: pytest.MonkeyPatch) -> None:
         ("model.num_classes=3", "remove model.num_classes"),
         ("data.val_split=test", "data.val_split = 'test' is not in"),
         ("model.nmf={bogus: 1}", "model options rejected by create_model"),
+        ("optim.lr=.inf", "optim.lr = inf is not a finite number"),
+        ("loss.weights.variance=.nan", "loss.weights.variance = nan is not a finite number"),
+        ("data.val_size=[8, 8]", "data.val_size is gone"),
+        ("data.train_split=[train, nope]", "data.train_split = ['train', 'nope'] is not in"),
+        ("data.train_split=[train, train]", "repeats a split"),
     ],
 )
 def test_bad_config_fails_before_workers(
@@ -74,6 +80,22 @@ def test_bad_config_fails_before_workers(
     code = main(["train", "--config", str(workdir / "exp.yaml"), override])
     assert code == 2
     assert needle in capsys.readouterr().err
+
+
+def test_missing_shard_fails_before_workers(
+    workdir: Path, no_workers: None, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import shutil
+
+    from data.shards import load_manifest
+
+    shards = tmp_path / "shards"
+    shutil.copytree(workdir / "shards", shards)
+    gone = Path(load_manifest(shards).shard_urls("val")[0])
+    gone.unlink()
+    code = main(["train", "--config", str(workdir / "exp.yaml"), f"data.root={shards}"])
+    assert code == 2
+    assert f"{gone}: shard missing" in capsys.readouterr().err
 
 
 def test_resume_needs_an_existing_run(workdir: Path, no_workers: None) -> None:
@@ -160,3 +182,105 @@ def test_fused_msca_switch_keeps_checkpoint_keys(workdir: Path, fused: bool) -> 
     reference = build_model(load_config(workdir / "exp.yaml"), num_classes=7)
     assert any(isinstance(m, FusedMSCA) for m in model.modules()) is fused
     assert list(model.state_dict()) == list(reference.state_dict())
+
+
+def _corrupt_first_image(root: Path) -> None:
+    """Overwrite the first train image's bytes in place (same size: only decoding can tell)."""
+    import tarfile
+
+    from data.shards import load_manifest
+
+    shard = load_manifest(root).shard_urls("train")[0]
+    with tarfile.open(shard) as tar:
+        member = next(m for m in tar.getmembers() if ".image." in m.name)
+    with open(shard, "r+b") as handle:
+        handle.seek(member.offset_data)
+        handle.write(b"\0" * 64)
+
+
+@pytest.mark.slow
+def test_validation_scores_as_eval_and_skips_are_tracked(workdir: Path, ray_session: None) -> None:
+    """Several training splits, a test resize (data.scale), a corrupt train sample skipped: the
+    val mIoU of the last checkpoint equals what `segnext eval` computes on it, and the skip
+    shows in MLflow and the summary."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.evaluate import evaluate
+
+    shards = workdir / "broken-shards"
+    shutil.copytree(workdir / "shards", shards)
+    _corrupt_first_image(shards)
+    cfg = load_config(workdir / "exp.yaml", [
+        f"data.root={shards}", "data.train_split=[train, val]", "data.scale=[48, 40]",
+        "data.on_error=skip", "schedule.iterations=4", "run.name=skips",
+    ])
+    result = train_module.train(cfg)
+    assert result.iteration == 4
+    latest = load_checkpoint(workdir / "ray" / "skips" / "checkpoint_0000004")
+    assert latest["epoch"] == 4 * 8 // (32 + 6)  # the epoch follows both splits' counts
+
+    scored = evaluate(str(workdir / "ray" / "skips" / "checkpoint_0000004"), str(shards),
+                      split="val", distributed="off", progress=False)
+    assert scored.settings["scale"] == (48, 40)
+    assert abs(latest["metrics"]["val/mIoU"] - scored.scores["mIoU"]) < 1e-6
+    assert abs(result.metrics["val/aAcc"] - scored.scores["aAcc"]) < 1e-6
+
+    assert result.skipped["train+val"] >= 1 and result.skipped["val"] == 0
+    assert "skipped samples  train+val" in train_module.summary(result)
+    run = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}").get_run(result.run_id)
+    assert run.data.metrics["data/skipped/train_val"] == result.skipped["train+val"]
+    assert run.data.tags["data.skipped.train_val"] == str(result.skipped["train+val"])
+
+
+@pytest.mark.slow
+def test_a_second_cluster_mid_run_does_not_disturb_the_run(
+    workdir: Path, ray_session: None
+) -> None:
+    """`ray start --head` by someone else while a run trains on its own cluster: before the
+    address pin, Ray Train's placement-group cleaner resolved `auto` to the newer cluster,
+    decided the controller was dead and killed the workers (a restart). Now: no restart."""
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    from ray._common.utils import get_ray_address_file
+
+    from pipelines.cluster import _free_port
+
+    run_dir = workdir / "ray" / "second-cluster"
+    address_file = Path(get_ray_address_file(None))
+    saved = address_file.read_text() if address_file.exists() else None
+    ray_cli = Path(sys.executable).with_name("ray")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    head: list[subprocess.Popen] = []
+
+    def start_second_cluster_after_first_checkpoint() -> None:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "checkpoint_0000002").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        head.append(subprocess.Popen(
+            [str(ray_cli), "start", "--head", "--block", f"--port={_free_port()}",
+             f"--dashboard-port={_free_port()}", "--num-cpus=1", "--disable-usage-stats"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ))
+
+    thread = threading.Thread(target=start_second_cluster_after_first_checkpoint, daemon=True)
+    thread.start()
+    try:
+        cfg = load_config(workdir / "exp.yaml",
+                          ["schedule.iterations=10", "run.name=second-cluster"])
+        result = train_module.train(cfg)
+    finally:
+        thread.join(timeout=130)
+        for process in head:
+            process.terminate()
+            process.wait(timeout=60)
+        if saved is None:
+            address_file.unlink(missing_ok=True)
+        else:
+            address_file.write_text(saved)
+    assert head, "the second cluster never started"
+    assert result.iteration == 10 and result.start_iteration == 0  # no restart

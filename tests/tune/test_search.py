@@ -183,7 +183,7 @@ def search(tmp_path_factory: pytest.TempPathFactory):
 
     from data.shards import write_shards
     from data.sources import Synthetic
-    from pipelines.train import WORKER_ENV
+    from pipelines.cluster import init_ray
     from tune.search import run_search
 
     tmp = tmp_path_factory.mktemp("tune")
@@ -192,12 +192,7 @@ def search(tmp_path_factory: pytest.TempPathFactory):
     path = tmp / "search.yaml"
     path.write_text(SEARCH_YAML.format(shards=shards, store=tmp))
     cfg, settings = load_search_config(path)
-    ray.init(
-        num_cpus=2,
-        logging_level="WARNING",
-        log_to_driver=False,
-        runtime_env={"env_vars": WORKER_ENV},
-    )
+    init_ray("local", num_cpus=2)
     try:
         first = run_search(
             cfg, settings, name="s", callbacks=[InterruptAfter(2, tmp / "interrupted.marker")]

@@ -1,0 +1,74 @@
+"""The quiet console: the command's own lines and the project's progress stay, Ray's forwarded
+output and warnings go to the log only, and every line is in the log."""
+
+from __future__ import annotations
+
+import io
+import threading
+import warnings
+from pathlib import Path
+
+from pipelines.cli import error_message, is_user_error
+from pipelines.console import ConsoleFilter, current_log, log_only, quiet_console
+
+
+def forwarded(stream: ConsoleFilter, text: str) -> None:
+    """Write from another thread, as Ray's log-forwarding thread does."""
+    worker = threading.Thread(target=stream.write, args=(text,))
+    worker.start()
+    worker.join()
+
+
+def test_filter_keeps_own_lines_and_logs_everything() -> None:
+    shown, log = io.StringIO(), io.StringIO()
+    stream = ConsoleFilter(shown, log, live=False)
+    stream.write("summary line\n  indented detail\n")
+    forwarded(stream, "Reporting training result 1: TrainingReport(...)\n")
+    forwarded(stream, "(RayTrainWorker pid=12) [segnext] validation at it 4: mIoU 0.5\n")
+    forwarded(stream, "[segnext] it 2/8 loss 1.0\n")
+    stream.write("partial ")
+    stream.write("line\n")
+    assert shown.getvalue().splitlines() == [
+        "summary line", "  indented detail", "[segnext] validation at it 4: mIoU 0.5",
+        "[segnext] it 2/8 loss 1.0", "partial line",
+    ]
+    assert "Reporting training result 1" in log.getvalue()
+    assert log.getvalue().count("\n") == 6
+
+
+def test_progress_lines_replace_each_other_on_a_terminal() -> None:
+    shown, log = io.StringIO(), io.StringIO()
+    stream = ConsoleFilter(shown, log, live=True)
+    forwarded(stream, "[segnext] it 2/8 loss 1.0\n")
+    forwarded(stream, "[segnext] it 4/8 loss 0.9\n")
+    stream.write("done\n")
+    assert shown.getvalue() == (
+        "\r\x1b[2K[segnext] it 2/8 loss 1.0\r\x1b[2K[segnext] it 4/8 loss 0.9\ndone\n"
+    )
+
+
+def test_quiet_console_sends_warnings_and_detail_to_the_log(tmp_path: Path, capsys) -> None:
+    with quiet_console("train", log_dir=tmp_path) as path:
+        assert current_log() == path
+        warnings.warn("deprecated thing", UserWarning, stacklevel=1)
+        log_only("resolved config: lots of YAML")
+        print("visible")
+    assert current_log() is None
+    out = capsys.readouterr()
+    assert "visible" in out.out and "lots of YAML" not in out.out
+    assert "deprecated thing" not in out.out + out.err
+    text = path.read_text()
+    assert "deprecated thing" in text and "lots of YAML" in text and "visible" in text
+
+
+def test_error_messages_are_one_line_for_users() -> None:
+    from pipelines.config import ConfigError
+
+    error = ConfigError("data.root /x does not exist; write shards there first")
+    assert is_user_error(error)
+    assert error_message("train", error) == (
+        "segnext train: error: data.root /x does not exist; write shards there first"
+    )
+    bug = KeyError("boom")
+    assert not is_user_error(bug)
+    assert "rerun with `segnext --debug" in error_message("eval", bug)
