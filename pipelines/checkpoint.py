@@ -103,6 +103,20 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return payload
 
 
+def describe_model(payload: dict[str, Any]) -> dict[str, Any]:
+    """The facts about a checkpoint's model that every exported flavour carries (the pyfunc's
+    MLflow metadata, the ONNX file's metadata): one place, so they cannot drift apart."""
+    meta = payload["meta"]
+    return {
+        "class_names": list(meta["class_names"]),
+        "palette": [list(map(int, color)) for color in meta["palette"]],
+        "ignore_index": int(meta.get("ignore_index", 255)),
+        "num_classes": int(meta["num_classes"]),
+        "variant": meta["variant"],
+        "classifier": meta["classifier"],
+    }
+
+
 def build_meta(
     *,
     variant: str,

@@ -53,8 +53,11 @@ def init_ray(
     if target is not None:
         ray.init(address=target, runtime_env={"env_vars": {**worker_env, "RAY_ADDRESS": target}},
                  **options)
+        print(f"[segnext] joined the Ray cluster at {target}", flush=True)
         return target
-    return _start_private(num_cpus, worker_env, options)
+    address = _start_private(num_cpus, worker_env, options)
+    print(f"[segnext] started a private Ray cluster at {address}", flush=True)
+    return address
 
 
 def resolve_address(address: str | None) -> str | None:

@@ -106,7 +106,7 @@ def quiet_console(command: str, *, enabled: bool = True,
     path = folder / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}.log"
     saved_streams = sys.stdout, sys.stderr
     saved_levels = {name: logging.getLogger(name).level for name in NOISY_LOGGERS}
-    _import_ray()  # Ray configures its loggers on import: set their levels after that
+    _import_ray()
     with open(path, "a", buffering=1) as log, warnings.catch_warnings():
         warnings.showwarning = functools.partial(_log_warning, log)
         for name in NOISY_LOGGERS:
@@ -143,6 +143,8 @@ def _log_warning(log: TextIO, message, category, filename, lineno, file=None, li
 
 
 def _import_ray() -> None:
+    """Ray and MLflow set their loggers' levels when imported: import them first."""
     with contextlib.suppress(ImportError):
+        import mlflow  # noqa: F401
         import ray.data  # noqa: F401
         import ray.train  # noqa: F401

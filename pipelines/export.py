@@ -202,21 +202,16 @@ def _metadata(
     """The runtime's settings: the registered model's (pipelines.serving), as JSON."""
     import torch
 
+    from pipelines.checkpoint import describe_model
     from pipelines.onnx_runtime import FORMAT
     from pipelines.serving import settings_from_checkpoint
 
-    meta = payload["meta"]
     settings = dataclasses.asdict(settings_from_checkpoint(payload))
     settings.update(size_divisor=size_divisor, slide_above_crops=slide_above_crops)
     metrics = payload.get("metrics") or {}
     return {
         "format": FORMAT,
-        "class_names": list(meta["class_names"]),
-        "palette": [list(map(int, color)) for color in meta["palette"]],
-        "ignore_index": int(meta.get("ignore_index", 255)),
-        "num_classes": int(meta["num_classes"]),
-        "variant": meta["variant"],
-        "classifier": meta["classifier"],
+        **describe_model(payload),
         "settings": settings,
         "input_size": None if size is None else list(size),
         "input": INPUT_NAME,

@@ -193,15 +193,12 @@ def _input_example() -> Any:
 
 
 def _model_metadata(payload: dict[str, Any], score: float | None) -> dict[str, Any]:
+    from pipelines.checkpoint import describe_model
+
     meta = payload["meta"]
     return {
         "format": PYFUNC_FORMAT,
-        "class_names": list(meta["class_names"]),
-        "palette": [list(map(int, color)) for color in meta["palette"]],
-        "ignore_index": int(meta.get("ignore_index", 255)),
-        "num_classes": int(meta["num_classes"]),
-        "variant": meta["variant"],
-        "classifier": meta["classifier"],
+        **describe_model(payload),
         "crop_size": list(meta["crop_size"]),
         "iteration": int(payload.get("iteration", 0)),
         "val_mIoU": score,

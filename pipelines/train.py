@@ -230,6 +230,13 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
         model = build_model(cfg, num_classes)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"model options rejected by create_model: {error}") from error
+    if cfg.model.init_from:
+        from pipelines import warm_start
+
+        cfg = replace(cfg, model=replace(cfg.model, init_from=warm_start.resolve_source(
+            cfg.model.init_from, tracking_uri=cfg.mlflow.tracking_uri,
+            storage_path=cfg.run.storage_path)))
+        warm_start.check_source(cfg.model.init_from, cfg.model.init_part, model)
     meta = build_meta(
         variant=model.variant,
         num_classes=num_classes,
@@ -322,7 +329,7 @@ def _fit(cfg, prepared, run_name, storage_path, callbacks, *, tracking_uri, run_
         "train_samples": prepared.train_samples,
         "fault_marker": _fault_marker(storage_path, run_name, run_id),
     }
-    resources = {"CPU": cfg.ray.cpus_per_worker, **cfg.ray.resources_per_worker}
+    resources = worker_resources(cfg)
     storage_fs, storage_fs_path = run_storage.resolve(storage_path)
     trainer = TorchTrainer(
         _train_loop,
@@ -355,6 +362,15 @@ def _fit(cfg, prepared, run_name, storage_path, callbacks, *, tracking_uri, run_
     return trainer.fit()
 
 
+def worker_resources(cfg: ExperimentConfig) -> dict[str, float]:
+    """What one Train worker asks Ray for (the ScalingConfig's and the tune plan's view)."""
+    resources = {"CPU": cfg.ray.cpus_per_worker, **cfg.ray.resources_per_worker}
+    if cfg.ray.use_gpu:
+        gpus = cfg.ray.gpus_per_worker
+        resources["GPU"] = resources.get("GPU", 1.0) if gpus is None else gpus
+    return resources
+
+
 def _train_loop(config: dict[str, Any]) -> dict[str, Any]:
     """Imported lazily so the driver does not pay for the worker's imports at CLI start."""
     from pipelines.train_loop import train_loop_per_worker
@@ -373,6 +389,9 @@ def _finish(cfg, client, tracking_uri, run_id, run_name, result) -> TrainResult:
         if score is not None and (best_score is None or score > best_score):
             best_path, best_score = uri_of(checkpoint.filesystem, checkpoint.path), float(score)
     returned = result.return_value or {}
+    if returned.get("fatal"):  # ended by the workers without a retry: a configuration problem
+        client.set_terminated(run_id, status="FAILED")
+        raise ConfigError(f"run {run_name}: {returned['fatal']}")
     skipped = _log_skipped(cfg, client, run_id, returned)
     if best_score is not None:
         client.log_metric(run_id, "best/val_mIoU", best_score)

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 import segnext
+from data.samples import SampleReadError
 from data.stream import iter_batches
 from pipelines import tracking
 from pipelines.checkpoint import load_checkpoint, model_overrides, save_checkpoint
@@ -65,10 +66,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     scheduler = RecipeSchedule(optimizer, cfg.schedule)
     state = LoopState()
     restored = _restore(core, optimizer, scheduler, state)
+    if restored and rank == 0:
+        print(f"[segnext] restored checkpoint of iteration {state.iteration}", flush=True)
     if not restored and cfg.model.pretrained:
         report = segnext.load_official_weights(core, cfg.model.pretrained)
         if rank == 0:
             print(f"[segnext] pretrained weights from {cfg.model.pretrained}: {report}")
+    if not restored and cfg.model.init_from:  # resolved and checked by the driver
+        from pipelines.warm_start import apply_source
+
+        report = apply_source(core, cfg.model.init_from, cfg.model.init_part)
+        if rank == 0:
+            print(f"[segnext] initial weights: {report}", flush=True)
     torch.manual_seed(cfg.train.seed + 1009 * rank + state.iteration)  # distinct dropout per rank
 
     if world > 1 and device.type == "cuda":
@@ -96,13 +105,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     runner = _Runner(cfg, config, state, model=step_model, core=core, optimizer=optimizer,
                      scheduler=scheduler, criterion=criterion, logger=logger, device=device,
                      rank=rank, world=world)
-    runner.run()
-    return {
-        "iteration": state.iteration,
-        "epoch": state.epoch,
-        "start_iteration": state.start_iteration,
-        "metrics": dict(state.last_val),
-    }
+    outcome = {"start_iteration": state.start_iteration}
+    try:
+        runner.run()
+    except ValidationFailed as error:  # every rank gets here together: return, do not crash
+        outcome["fatal"] = f"validation at iteration {state.iteration} failed: {error}"
+    return {**outcome, "iteration": state.iteration, "epoch": state.epoch,
+            "metrics": dict(state.last_val)}
 
 
 def build_model(cfg: ExperimentConfig, num_classes: int) -> segnext.SegNeXt:
@@ -166,22 +175,43 @@ class Validator:
         """(summed (K, K) confusion matrix, samples skipped on all workers)."""
         from pipelines.validation import score_split
 
+        k = self.segmenter.num_classes
+        problem = ""
+        matrix, skipped = np.zeros((k, k), dtype=np.int64), 0
         self.core.eval()
         try:
-            scored, skipped = score_split(
+            scored, tally = score_split(
                 self.segmenter, self.manifest, self.cfg.data.val_split, rank=self.rank,
                 world=self.world, on_error=self.cfg.data.on_error,
                 preview=PREVIEW_SAMPLES if self.rank == 0 else 0,
             )
+            matrix, skipped, self.preview = scored.matrix, tally.count, scored.preview
+        except (SampleReadError, ValueError, OSError) as error:  # bad data or settings
+            problem = str(error)
         finally:
             self.core.train()
-        self.preview = scored.preview
-        totals = torch.from_numpy(np.append(scored.matrix.ravel(), skipped.count)).to(self.device)
+        # One collective whatever happened, so a rank that failed never leaves others waiting.
+        totals = torch.from_numpy(np.append(matrix.ravel(), [skipped, bool(problem)]))
+        totals = totals.to(self.device)
         if self.world > 1:
             dist.all_reduce(totals)
         totals = totals.cpu().numpy()
-        k = scored.matrix.shape[0]
-        return totals[:-1].reshape(k, k), int(totals[-1])
+        if totals[-1]:
+            raise ValidationFailed(self._first_problem(problem))
+        return totals[:-2].reshape(k, k), int(totals[-2])
+
+    def _first_problem(self, problem: str) -> str:
+        """The first rank's message (every rank takes part in the gather)."""
+        messages = [problem]
+        if self.world > 1:
+            messages = [None] * self.world
+            dist.all_gather_object(messages, problem)
+        return next(message for message in messages if message)
+
+
+class ValidationFailed(Exception):
+    """Validation cannot run (unreadable val data, impossible settings): a configuration
+    problem that a restart would only repeat, so the run ends at once (see train_loop_per_worker)."""
 
 
 class _Runner:

@@ -184,13 +184,13 @@ def test_fused_msca_switch_keeps_checkpoint_keys(workdir: Path, fused: bool) -> 
     assert list(model.state_dict()) == list(reference.state_dict())
 
 
-def _corrupt_first_image(root: Path) -> None:
-    """Overwrite the first train image's bytes in place (same size: only decoding can tell)."""
+def _corrupt_first_image(root: Path, split: str = "train") -> None:
+    """Overwrite the first image's bytes of `split` in place (same size: only decoding can tell)."""
     import tarfile
 
     from data.shards import load_manifest
 
-    shard = load_manifest(root).shard_urls("train")[0]
+    shard = load_manifest(root).shard_urls(split)[0]
     with tarfile.open(shard) as tar:
         member = next(m for m in tar.getmembers() if ".image." in m.name)
     with open(shard, "r+b") as handle:
@@ -284,3 +284,29 @@ def test_a_second_cluster_mid_run_does_not_disturb_the_run(
             address_file.write_text(saved)
     assert head, "the second cluster never started"
     assert result.iteration == 10 and result.start_iteration == 0  # no restart
+
+
+@pytest.mark.slow
+def test_unreadable_validation_data_ends_the_run_without_retries(
+    workdir: Path, ray_session: None
+) -> None:
+    """A val sample that cannot be read (on_error: raise) is a data problem a restart would
+    only repeat: the run ends at the first validation with the shard and key named, even with
+    restarts allowed, and its MLflow run is marked FAILED."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    shards = workdir / "bad-val-shards"
+    shutil.copytree(workdir / "shards", shards)
+    _corrupt_first_image(shards, "val")
+    cfg = load_config(workdir / "exp.yaml", [
+        f"data.root={shards}", "train.max_failures=2", "run.name=bad-val",
+    ])
+    with pytest.raises(ConfigError, match="validation at iteration 2 failed: .*cannot decode"):
+        train_module.train(cfg)
+    from pipelines.tracking import find_run
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    run_id = find_run(client, client.get_experiment_by_name("test").experiment_id, "bad-val")
+    assert client.get_run(run_id).info.status == "FAILED"
