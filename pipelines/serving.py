@@ -19,14 +19,28 @@ forced), optional multi-scale + flip, and the resize of the scores back to the i
   the scoring server returns as JSON records.
 
 Masks hold class ids 0..K-1, in the order of the model's `class_names` metadata.
+
+Under `mlflow models serve` (uvicorn; each request runs in a thread of a worker process) the
+pyfunc bounds its work: a request holds at most `SEGNEXT_MAX_PIXELS` pixels (default 16 MP; the
+model config's `max_pixels` otherwise; 0: no limit), refused before decoding with HTTP 400 and
+a message; and a request past the server's timeout (`--timeout`, i.e.
+MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT, default 60 s), which MLflow answers with 504 without
+stopping the thread, stops itself before its next forward pass (one sliding window). Not
+bounded: one forward pass (one window, or a whole image up to the pixel limit) and the JSON
+decoding before `predict`. Bad input of any kind answers 400 with the message.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import logging
+import os
+import threading
+import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,10 +50,18 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from mlflow.environment_variables import (
+    _MLFLOW_IS_IN_SERVING_ENVIRONMENT,
+    MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT,
+)
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, INVALID_PARAMETER_VALUE
+from PIL import Image
 
 from data.transforms import rescaled_size
 from pipelines.checkpoint import load_checkpoint, model_from_checkpoint
+from pipelines.images import picture_to_rgb
+from pipelines.threads import set_torch_threads
 from segnext.inference import predict_logits
 
 CHECKPOINT_ARTIFACT = "checkpoint"  # key of the checkpoint file in the pyfunc's artifacts
@@ -47,6 +69,10 @@ IMAGE_COLUMN = "image"
 SIZE_DIVISOR = 32  # the encoder's total stride: whole-image inputs are padded to a multiple
 SLIDE_ABOVE_CROPS = 4  # auto mode slides over images with more pixels than 4 training crops
 TTA_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # the official multi-scale test ratios
+MAX_PIXELS_ENV = "SEGNEXT_MAX_PIXELS"  # the served model's limit per request
+DEFAULT_MAX_PIXELS = 16_000_000  # 16 MP: a 4000x4000 photo; far above any training crop
+
+_logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -255,9 +281,27 @@ def load_segmenter(model: str | Path, *, device: str | None = None, **overrides:
 # ------------------------------------------------------------------------------ pyfunc flavour
 
 
-def decode_image(value: Any, where: str) -> np.ndarray:
+class ImageTooLargeError(ValueError):
+    """A request above the served model's pixel limit (`SEGNEXT_MAX_PIXELS`)."""
+
+
+class RequestTimeoutError(RuntimeError):
+    """The request ran past the scoring server's timeout; its computation was stopped."""
+
+
+def _check_pixels(height: int, width: int, where: str, max_pixels: int | None) -> None:
+    if max_pixels and height * width > max_pixels:
+        raise ImageTooLargeError(
+            f"{where}: {width}x{height} = {height * width / 1e6:.1f} MP is above this model's "
+            f"limit of {max_pixels / 1e6:g} MP ({MAX_PIXELS_ENV}={max_pixels}); send a smaller "
+            f"image or raise {MAX_PIXELS_ENV} where the server runs"
+        )
+
+
+def decode_image(value: Any, where: str, max_pixels: int | None = None) -> np.ndarray:
     """An RGB uint8 (H, W, 3) array from an array, nested lists, PIL image, or encoded bytes
-    (PNG/JPEG; str = base64 of them)."""
+    (PNG/JPEG; str = base64 of them), converted by `pipelines.images` (16-bit scaled, palette,
+    gray, alpha). `max_pixels`: refuse larger images, for encoded ones before decoding."""
     if isinstance(value, str):
         try:
             value = base64.b64decode(value)
@@ -266,14 +310,20 @@ def decode_image(value: Any, where: str) -> np.ndarray:
     if isinstance(value, bytes | bytearray | memoryview):
         try:
             value = Image.open(io.BytesIO(bytes(value)))
+            _check_pixels(value.height, value.width, where, max_pixels)  # header only so far
             value.load()
-        except OSError as error:
+        except (OSError, SyntaxError, EOFError, Image.DecompressionBombError) as error:
             raise ValueError(f"{where}: bytes are not a readable image ({error})") from None
     if isinstance(value, Image.Image):
-        return np.asarray(ImageOps.exif_transpose(value).convert("RGB"))
+        _check_pixels(value.height, value.width, where, max_pixels)
+        array, note = picture_to_rgb(value, where)
+        if note:
+            _logger.warning(note)
+        return array
     array = np.asarray(value)
     if array.ndim != 3 or array.shape[2] != 3:
         raise ValueError(f"{where}: expected an RGB image (H, W, 3), got shape {array.shape}")
+    _check_pixels(array.shape[0], array.shape[1], where, max_pixels)
     if array.dtype == np.uint8:
         return array
     if np.issubdtype(array.dtype, np.integer) and array.min() >= 0 and array.max() <= 255:
@@ -297,7 +347,7 @@ def decode_mask_png(text: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(text))))
 
 
-def _table_images(table: pd.DataFrame | dict) -> list[np.ndarray]:
+def _table_images(table: pd.DataFrame | dict, max_pixels: int | None) -> list[np.ndarray]:
     columns = list(table.columns) if isinstance(table, pd.DataFrame) else list(table)
     if IMAGE_COLUMN not in columns:
         raise ValueError(
@@ -306,13 +356,30 @@ def _table_images(table: pd.DataFrame | dict) -> list[np.ndarray]:
         )
     values = table[IMAGE_COLUMN]
     values = values.tolist() if hasattr(values, "tolist") else list(values)
-    return [decode_image(value, f"row {row}") for row, value in enumerate(values)]
+    return [decode_image(value, f"row {row}", max_pixels) for row, value in enumerate(values)]
 
 
-def predict_any(segmenter: Segmenter, model_input: Any) -> Any:
-    """The pyfunc contract (module docstring): masks in the form the input came in."""
+def _checked(images: list[np.ndarray], max_pixels: int | None) -> list[np.ndarray]:
+    """`images`, if together they are within `max_pixels` (the work of one request)."""
+    total = sum(image.shape[0] * image.shape[1] for image in images)
+    if max_pixels and total > max_pixels:
+        raise ImageTooLargeError(
+            f"the request's {len(images)} images hold {total / 1e6:.1f} MP together, above "
+            f"this model's limit of {max_pixels / 1e6:g} MP per request ({MAX_PIXELS_ENV}="
+            f"{max_pixels}); send fewer images per request"
+        )
+    return images
+
+
+def predict_any(segmenter: Segmenter, model_input: Any, max_pixels: int | None = None) -> Any:
+    """The pyfunc contract (module docstring): masks in the form the input came in.
+    `max_pixels`: the most pixels one request may hold (each image and all together)."""
+    def decode_all(values: Any) -> list[np.ndarray]:
+        images = [decode_image(value, f"image {i}", max_pixels) for i, value in enumerate(values)]
+        return _checked(images, max_pixels)
+
     if isinstance(model_input, pd.DataFrame | dict):
-        masks = segmenter.predict(_table_images(model_input))
+        masks = segmenter.predict(_checked(_table_images(model_input, max_pixels), max_pixels))
         return pd.DataFrame(
             {
                 "mask": [encode_mask_png(mask) for mask in masks],
@@ -322,20 +389,62 @@ def predict_any(segmenter: Segmenter, model_input: Any) -> Any:
         )
     if isinstance(model_input, np.ndarray) and model_input.dtype != object:
         if model_input.ndim == 3:
-            return segmenter.predict([decode_image(model_input, "input")])[0]
+            return segmenter.predict([decode_image(model_input, "input", max_pixels)])[0]
         if model_input.ndim == 4:
-            images = [decode_image(image, f"image {i}") for i, image in enumerate(model_input)]
-            return np.stack(segmenter.predict(images))
+            return np.stack(segmenter.predict(decode_all(model_input)))
     if isinstance(model_input, list | tuple | np.ndarray):
-        return segmenter.predict(
-            [decode_image(value, f"image {i}") for i, value in enumerate(model_input)]
-        )
+        return segmenter.predict(decode_all(model_input))
     if isinstance(model_input, str | bytes | Image.Image):
-        return segmenter.predict([decode_image(model_input, "input")])[0]
+        return segmenter.predict([decode_image(model_input, "input", max_pixels)])[0]
     raise TypeError(
         f"unsupported input {type(model_input).__name__}: pass a uint8 (H, W, 3) array, a list "
         f"of them, or a DataFrame with an {IMAGE_COLUMN!r} column of PNG/JPEG bytes"
     )
+
+
+def max_pixels_setting(model_config: dict[str, Any] | None = None) -> int:
+    """The pixel limit of one request: $SEGNEXT_MAX_PIXELS, else the model config's
+    `max_pixels`, else DEFAULT_MAX_PIXELS; 0 means no limit."""
+    for value, where in (
+        (os.environ.get(MAX_PIXELS_ENV), MAX_PIXELS_ENV),
+        ((model_config or {}).get("max_pixels"), "model config max_pixels"),
+    ):
+        if value is None or value == "":
+            continue
+        try:
+            limit = int(value)
+        except (TypeError, ValueError):
+            limit = -1
+        if limit < 0:
+            raise ValueError(f"{where}={value!r}: expected a whole number of pixels (0: no limit)")
+        return limit
+    return DEFAULT_MAX_PIXELS
+
+
+class _Deadline:
+    """A per-thread deadline checked before every forward pass of the network (each sliding
+    window is one), so a request past the scoring server's timeout stops computing within one
+    window instead of keeping its worker busy; the server answers 504 at the timeout anyway."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()  # the scoring server runs requests in threads
+
+    @contextmanager
+    def within(self, seconds: float | None) -> Iterator[None]:
+        self._local.at = None if not seconds else time.monotonic() + seconds
+        try:
+            yield
+        finally:
+            self._local.at = None
+
+    def check(self, module: torch.nn.Module, args: Any) -> None:
+        at = getattr(self._local, "at", None)
+        if at is not None and time.monotonic() > at:
+            raise RequestTimeoutError(
+                "the request ran past the scoring server's timeout "
+                f"({MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.name}); stopped. Send smaller images, "
+                "or start the server with a longer --timeout"
+            )
 
 
 class SegNeXtPyfunc(mlflow.pyfunc.PythonModel):
@@ -346,8 +455,21 @@ class SegNeXtPyfunc(mlflow.pyfunc.PythonModel):
     _skip_type_hint_validation = True
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        set_torch_threads()  # the cores the server may use (cgroup-aware), not the machine's
         payload = load_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT])
         self.segmenter = Segmenter.from_checkpoint(payload)
+        self.max_pixels = max_pixels_setting(getattr(context, "model_config", None))
+        self.deadline = _Deadline()
+        self.segmenter.model.register_forward_pre_hook(self.deadline.check)
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
-        return predict_any(self.segmenter, model_input)
+        # Under `mlflow models serve` only: a batch job calling the pyfunc has no timeout.
+        serving = _MLFLOW_IS_IN_SERVING_ENVIRONMENT.get()
+        timeout = MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get() if serving else None
+        try:
+            with self.deadline.within(timeout):
+                return predict_any(self.segmenter, model_input, self.max_pixels)
+        except (ValueError, TypeError) as error:  # bad input: HTTP 400 with the message
+            raise MlflowException(str(error), error_code=INVALID_PARAMETER_VALUE) from None
+        except RequestTimeoutError as error:
+            raise MlflowException(str(error), error_code=DEADLINE_EXCEEDED) from None

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -38,6 +39,12 @@ SERVE = "models serve -m models:/segnext@champion --env-manager local --host 127
 pytestmark = pytest.mark.usefixtures(
     "single_thread"
 )  # (H, W): different sizes, neither a multiple of 32
+
+
+@pytest.fixture(autouse=True)
+def one_inference_thread(monkeypatch):
+    """What `pipelines.threads` gives the code under test: one thread on the shared machine."""
+    monkeypatch.setenv("SEGNEXT_THREADS", "1")
 
 
 def _images(sizes=SIZES, seed=0) -> list[np.ndarray]:
@@ -71,13 +78,14 @@ def registry(tmp_path_factory) -> str:
     return uri
 
 
-def _child_env(uri: str) -> dict[str, str]:
+def _child_env(uri: str, **extra: str) -> dict[str, str]:
     bin_dir = str(Path(sys.executable).parent)  # `mlflow models serve` runs `uvicorn` from PATH
     return {
         **os.environ,
         "MLFLOW_TRACKING_URI": uri,
         "OMP_NUM_THREADS": "1",
         "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        **extra,
     }
 
 
@@ -157,6 +165,78 @@ def test_pyfunc_rejects_bad_inputs_clearly(constant_model):
         predict_any(segmenter, np.zeros((8, 8), dtype=np.uint8))
 
 
+def _pyfunc(checkpoint: Path, model_config: dict | None = None):
+    from types import SimpleNamespace
+
+    from pipelines.serving import SegNeXtPyfunc
+
+    model = SegNeXtPyfunc()
+    model.load_context(
+        SimpleNamespace(artifacts={"checkpoint": str(checkpoint)}, model_config=model_config)
+    )
+    return model
+
+
+def test_oversized_requests_are_refused_with_http_400(constant_model, monkeypatch):
+    from mlflow.exceptions import MlflowException
+
+    from pipelines.serving import ImageTooLargeError, max_pixels_setting
+
+    monkeypatch.delenv("SEGNEXT_MAX_PIXELS", raising=False)
+    assert max_pixels_setting() == 16_000_000 and max_pixels_setting({"max_pixels": 10}) == 10
+    monkeypatch.setenv("SEGNEXT_MAX_PIXELS", "2500")
+    assert max_pixels_setting({"max_pixels": 10}) == 2500  # the server's setting wins
+    segmenter = load_segmenter(constant_model)
+    big = np.zeros((50, 51, 3), dtype=np.uint8)
+    with pytest.raises(ImageTooLargeError, match=r"row 0: 51x50 = 0.0 MP is above .*"
+                       r"SEGNEXT_MAX_PIXELS=2500\); send a smaller image"):
+        predict_any(segmenter, pd.DataFrame({"image": [_png(big)]}), max_pixels=2500)
+    with pytest.raises(ImageTooLargeError, match="input: 51x50"):
+        predict_any(segmenter, big, max_pixels=2500)
+    small = np.zeros((40, 40, 3), dtype=np.uint8)  # 1600 each, 3200 together
+    with pytest.raises(ImageTooLargeError, match="2 images hold 0.0 MP together"):
+        predict_any(segmenter, [small, small], max_pixels=2500)
+    assert predict_any(segmenter, [small], max_pixels=2500)[0].shape == (40, 40)
+
+    model = _pyfunc(constant_model)
+    assert model.max_pixels == 2500
+    with pytest.raises(MlflowException, match="above this model's limit") as refused:
+        model.predict(None, pd.DataFrame({"image": [base64.b64encode(_png(big)).decode()]}))
+    assert refused.value.get_http_status_code() == 400
+    with pytest.raises(MlflowException, match="column named 'image'") as bad:
+        model.predict(None, pd.DataFrame({"picture": [b"x"]}))
+    assert bad.value.get_http_status_code() == 400
+    monkeypatch.setenv("SEGNEXT_MAX_PIXELS", "many")
+    with pytest.raises(ValueError, match="SEGNEXT_MAX_PIXELS='many': expected a whole number"):
+        _pyfunc(constant_model)
+
+
+def test_a_request_past_the_server_timeout_stops_computing(constant_model, monkeypatch):
+    from mlflow.exceptions import MlflowException
+
+    model = _pyfunc(constant_model, {"max_pixels": 0})
+    calls = []
+
+    def slow_window(module, args):  # runs after the deadline's own check: window 1 overshoots
+        calls.append(time.monotonic())
+        time.sleep(1.1 if len(calls) == 1 else 0)
+
+    model.segmenter.model.register_forward_pre_hook(slow_window)
+    image = _images([(140, 150)])[0]  # auto mode: 12 sliding windows of 64x64
+    assert model.predict(None, image).shape == (140, 150)  # not serving: no deadline
+    assert len(calls) == 12
+    calls.clear()
+    monkeypatch.setenv("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", "true")
+    monkeypatch.setenv("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT", "1")
+    with pytest.raises(MlflowException, match="ran past the scoring server's timeout") as late:
+        model.predict(None, image)
+    assert late.value.get_http_status_code() == 504
+    assert len(calls) == 1  # stopped before the second window
+    calls.clear()
+    monkeypatch.setenv("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT", "30")
+    assert model.predict(None, image).shape == (140, 150)  # the deadline is per request
+
+
 # -------------------------------------------------------------------------- registry round trip
 
 
@@ -230,7 +310,7 @@ def test_mlflow_models_serve_answers_http(registry, tmp_path):
     log = (tmp_path / "serve.log").open("w")
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", *SERVE.split(), "-p", str(port)],
-        env=_child_env(registry),
+        env=_child_env(registry, SEGNEXT_MAX_PIXELS="5000"),  # the two images hold 3951
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,  # its own process group: uvicorn is a grandchild
@@ -238,19 +318,106 @@ def test_mlflow_models_serve_answers_http(registry, tmp_path):
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_for_ping(url, server, time.monotonic() + 240)
-        images = [base64.b64encode(_png(image)).decode() for image in _images()]
-        body = {"dataframe_split": {"columns": ["image"], "data": [[text] for text in images]}}
-        request = urllib.request.Request(
-            f"{url}/invocations",
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=120) as response:
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(_request(url, [np.zeros((60, 90, 3), np.uint8)]), timeout=120)
+        assert refused.value.code == 400
+        message = json.loads(refused.value.read())["message"]
+        assert "row 0: 90x60 = 0.0 MP is above this model's limit" in message
+        assert "SEGNEXT_MAX_PIXELS=5000" in message
+        with urllib.request.urlopen(_request(url, _images()), timeout=120) as response:
             predictions = json.loads(response.read())["predictions"]
         masks = [decode_mask_png(row["mask"]) for row in predictions]
         assert [mask.shape for mask in masks] == list(SIZES)
         assert [(row["height"], row["width"]) for row in predictions] == list(SIZES)
         assert max(int(mask.max()) for mask in masks) < len(CLASSES)
+    finally:
+        _stop(server)
+        log.close()
+
+
+def _request(url: str, images: list[np.ndarray]) -> urllib.request.Request:
+    """A scoring request for `images`, as PNG bytes in base64 in the "image" column."""
+    encoded = [base64.b64encode(_png(image)).decode() for image in images]
+    body = {"dataframe_split": {"columns": ["image"], "data": [[text] for text in encoded]}}
+    return urllib.request.Request(
+        f"{url}/invocations",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (from /proc: no psutil needed)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def _alive(pids: set[int]) -> set[int]:
+    alive = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.add(pid)
+    return alive
+
+
+@pytest.mark.slow
+def test_sigterm_stops_every_server_process_even_mid_request(registry, tmp_path):
+    """A request far longer than the server's timeout is running when SIGTERM arrives: the
+    scoring server answers 504 at the timeout, the pyfunc stops computing at its next sliding
+    window, and every process (mlflow, the uvicorn supervisor, both workers) is gone soon."""
+    import threading
+
+    port = _free_port()
+    log = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", *SERVE.split(), "-p", str(port), "-t", "3", "-w", "2"],
+        env=_child_env(registry),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    answers: list[object] = []
+
+    def client() -> None:  # ~800 windows of 64x64: minutes of work on one thread
+        try:
+            urllib.request.urlopen(_request(url, _images([(1200, 1200)])), timeout=60)
+            answers.append(200)
+        except urllib.error.HTTPError as error:
+            answers.append(error.code)
+        except OSError as error:
+            answers.append(error)
+
+    try:
+        _wait_for_ping(url, server, time.monotonic() + 240)
+        request = threading.Thread(target=client, daemon=True)
+        request.start()
+        time.sleep(2.0)  # decoded and computing
+        processes = _descendants(server.pid) | {server.pid}
+        assert len(processes) >= 4, processes  # mlflow, uvicorn and its two workers
+        server.send_signal(signal.SIGTERM)  # the CLI only, as `kill PID` or a scheduler does
+        deadline = time.monotonic() + 12
+        while _alive(processes) and time.monotonic() < deadline:
+            server.poll()  # reap our own child
+            time.sleep(0.2)
+        assert not _alive(processes), f"still running 12 s after SIGTERM: {_alive(processes)}"
+        request.join(timeout=10)
+        assert answers and answers[0] != 200, answers  # 504 at the timeout (or cut off)
     finally:
         _stop(server)
         log.close()
