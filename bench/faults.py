@@ -223,16 +223,28 @@ def scenario_shard_corrupt(out: Path, clean: Path, on_error: str) -> dict:
     code = finish(process)
     text = log.read_text(errors="replace")
     skipped = re.findall(r"skipped samples  (.*)", text)
+    errors = [line for line in text.splitlines() if line.startswith("segnext train: ")]
     return {"fault": f"train shard damaged on disk after iteration 4 (on_error={on_error})",
             "exit": code, "final_iteration": summary_iteration(log),
-            "error_names_shard": shard in text and code != 0,
+            "error_line": errors[-1][:200] if errors else None,
+            "error_names_shard": any(shard in line for line in errors),
             "skipped": skipped[-1] if skipped else None,
             "leftover_processes": leftovers(gcs_port(log))}
+
+
+SCENARIOS = {
+    "worker-sigkill": scenario_worker_sigkill,
+    "driver-sigkill": scenario_driver_sigkill,
+    "shard-raise": lambda out, shards: scenario_shard_corrupt(out, shards, "raise"),
+    "shard-skip": lambda out, shards: scenario_shard_corrupt(out, shards, "skip"),
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(REPO / "runs" / "faults"))
+    parser.add_argument("--only", nargs="+", choices=SCENARIOS, default=list(SCENARIOS),
+                        help="run only these scenarios")
     args = parser.parse_args()
     out = Path(args.out).resolve()
     if out.exists():
@@ -244,14 +256,9 @@ def main() -> None:
     # 32 train images = 4 iterations per epoch: the damage lands between epochs.
     write_shards(Synthetic(num_train=32, num_val=8, size=(64, 64)), out / "shards", shard_size=8)
     results = []
-    for run in (
-        lambda: scenario_worker_sigkill(out, out / "shards"),
-        lambda: scenario_driver_sigkill(out, out / "shards"),
-        lambda: scenario_shard_corrupt(out, out / "shards", "raise"),
-        lambda: scenario_shard_corrupt(out, out / "shards", "skip"),
-    ):
+    for name in args.only:
         started = time.monotonic()
-        result = run()
+        result = SCENARIOS[name](out, out / "shards")
         result["wall_s"] = round(time.monotonic() - started, 1)
         print(json.dumps(result), flush=True)
         results.append(result)

@@ -54,26 +54,49 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (timeout, schedulers, a closed terminal) unwinds like Ctrl-C: cleanup code runs.
     signal.signal(signal.SIGTERM, _raise_interrupt)
     quiet = not args.verbose and args.command in QUIET_COMMANDS
-    try:
-        with quiet_console(args.command, enabled=quiet):
+    had_ray = _ray_connected()
+    with quiet_console(args.command, enabled=quiet):
+        try:
             return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print(f"segnext {args.command}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as error:
-        if args.debug:
-            raise
-        print(error_message(args.command, error), file=sys.stderr)
-        return 2 if is_user_error(error) else 1
+        except KeyboardInterrupt:
+            print(f"segnext {args.command}: interrupted", file=sys.stderr)
+            return 130
+        except Exception as error:
+            if args.debug:
+                raise
+            print(error_message(args.command, error), file=sys.stderr)
+            return 2 if is_user_error(root_cause(error)) else 1
+        finally:
+            if not had_ray and _ray_connected():  # inside the console: late worker logs filtered
+                sys.modules["ray"].shutdown()
+
+
+def _ray_connected() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def root_cause(error: BaseException) -> BaseException:
+    """The error a Ray wrapper carries: a worker's exception inside Ray Train's
+    `WorkerGroupError`, the user exception inside a `RayTaskError`."""
+    seen: set[int] = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        failures = getattr(error, "worker_failures", None)
+        cause = getattr(error, "cause", None)
+        if isinstance(failures, dict) and failures:
+            error = next(iter(failures.values()))
+        elif isinstance(cause, BaseException):
+            error = cause
+    return error
+
+
 def is_user_error(error: BaseException) -> bool:
     """Errors whose message says what to fix: the project's own, bad values, files, MLflow."""
-    if type(error).__module__.split(".")[0] in PROJECT_PACKAGES:
+    if any(cls.__module__.split(".")[0] in PROJECT_PACKAGES for cls in type(error).__mro__):
         return True
     if isinstance(error, ValueError | OSError):
         return True
@@ -82,7 +105,9 @@ def is_user_error(error: BaseException) -> bool:
 
 
 def error_message(command: str, error: BaseException) -> str:
-    """One line (a few at most) for the user; the traceback only with --debug."""
+    """One line (a few at most) for the user; the traceback only with --debug. A failure
+    inside Ray workers is reported by its root cause."""
+    error = root_cause(error)
     lines = [line for line in str(error).strip().splitlines() if line.strip()] or [""]
     text = "\n  ".join(lines[:MAX_ERROR_LINES])
     if len(lines) > MAX_ERROR_LINES:

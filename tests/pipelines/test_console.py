@@ -72,3 +72,20 @@ def test_error_messages_are_one_line_for_users() -> None:
     bug = KeyError("boom")
     assert not is_user_error(bug)
     assert "rerun with `segnext --debug" in error_message("eval", bug)
+
+
+def test_a_failure_inside_ray_workers_is_reported_by_its_cause() -> None:
+    import ray.exceptions
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from data.samples import SampleReadError
+
+    try:
+        raise SampleReadError("/d/train-000000.tar: sample 'k': cannot decode 'image.jpg'")
+    except SampleReadError as cause:
+        in_task = ray.exceptions.RayTaskError("fn", "Traceback ...", cause).as_instanceof_cause()
+    wrapped = WorkerGroupError("Training failed due to worker errors:\nTraceback ...", {1: in_task})
+    assert is_user_error(in_task)
+    assert error_message("train", wrapped) == (
+        "segnext train: error: /d/train-000000.tar: sample 'k': cannot decode 'image.jpg'"
+    )
