@@ -178,6 +178,7 @@ class Validator:
         k = self.segmenter.num_classes
         problem = ""
         matrix, skipped = np.zeros((k, k), dtype=np.int64), 0
+        self._use_rank0_buffers()
         self.core.eval()
         try:
             scored, tally = score_split(
@@ -199,6 +200,18 @@ class Validator:
         if totals[-1]:
             raise ValidationFailed(self._first_problem(problem))
         return totals[:-2].reshape(k, k), int(totals[-2])
+
+    def _use_rank0_buffers(self) -> None:
+        """Give every rank rank 0's buffers (BatchNorm running statistics) before scoring.
+
+        Parameters are equal on all ranks after a DDP step, but each rank's last forward
+        updated its own running statistics (DDP re-broadcasts rank 0's only at the next
+        forward), so without this each rank would score its share with a slightly different
+        model than the checkpoint that rank 0 saves, and `segnext eval` of that checkpoint
+        would not reproduce the validation score."""
+        if self.world > 1:
+            for buffer in self.core.buffers():
+                dist.broadcast(buffer.data, src=0)
 
     def _first_problem(self, problem: str) -> str:
         """The first rank's message (every rank takes part in the gather)."""

@@ -12,6 +12,8 @@ logits at another resolution (the input's, in eval mode) the way the loss sees t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,7 +55,9 @@ def candidate_mask(general_logits: torch.Tensor, top_k: int | None) -> torch.Ten
     if not top_k or top_k >= num_classes:
         return None
     index = general_logits.topk(top_k, dim=1).indices
-    return torch.zeros_like(general_logits, dtype=torch.bool).scatter_(1, index, True)
+    # a tensor source, not the scalar True: torch's ONNX exporter has no scatter_(bool scalar)
+    chosen = torch.ones_like(index, dtype=torch.bool)
+    return torch.zeros_like(general_logits, dtype=torch.bool).scatter_(1, index, chosen)
 
 
 def integrate(
@@ -73,6 +77,21 @@ def integrate(
     return log_probs, candidates
 
 
+def prior_bias(num_classes: int, prior: Sequence[float] | None = None) -> torch.Tensor:
+    """Logits whose sigmoids are `prior` (default 1/K each), clamped to [1e-4, 1 - 1e-4]."""
+    if prior is None:
+        prior = [1.0 / num_classes] * num_classes
+    if len(prior) != num_classes or not all(
+        isinstance(p, int | float) and 0 < p < 1 for p in prior
+    ):
+        raise ValueError(
+            f"prior must list {num_classes} class frequencies in (0, 1), got {prior!r}; "
+            "pass the training split's pixel frequencies or leave it unset (1/K each)"
+        )
+    p = torch.tensor([min(max(float(v), 1e-4), 1 - 1e-4) for v in prior])
+    return torch.log(p / (1 - p))
+
+
 class IntegratedClassifier(nn.Module):
     """General (K sigmoids) + refinement (softmax over the top-k candidates) classifier.
 
@@ -85,6 +104,10 @@ class IntegratedClassifier(nn.Module):
         refine_channels: hidden width of the refinement block (1x1 conv, ReLU, 1x1 conv).
         top_k: candidates per pixel the refinement decides among (default 3, the spec's k for
             the variance term; None or 0 = all classes). The loss must use the same value.
+        prior: class frequencies the general classifier starts from: its biases are initialised
+            to log(p / (1 - p)) so that sigmoid(g_c) = p_c before training (None: 1/K for every
+            class). A zero bias would start every sigmoid at 0.5, so the first steps of the BCE
+            are spent pushing all K scores down instead of separating classes.
     """
 
     def __init__(
@@ -94,10 +117,12 @@ class IntegratedClassifier(nn.Module):
         dropout: float = 0.1,
         refine_channels: int = 64,
         top_k: int | None = 3,
+        prior: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         if top_k is not None and top_k < 0:
             raise ValueError(f"top_k must be None, 0 (all classes) or positive, got {top_k}")
+        bias = prior_bias(num_classes, prior)
         self.top_k = top_k
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.general = nn.Conv2d(in_channels, num_classes, kernel_size=1)
@@ -106,6 +131,8 @@ class IntegratedClassifier(nn.Module):
         for conv in (self.general, self.refine_out):
             nn.init.normal_(conv.weight, mean=0.0, std=0.01)
             nn.init.zeros_(conv.bias)
+        with torch.no_grad():
+            self.general.bias.copy_(bias)
         nn.init.kaiming_normal_(self.refine_hidden.weight, mode="fan_out", nonlinearity="relu")
         nn.init.zeros_(self.refine_hidden.bias)
 

@@ -80,8 +80,10 @@ class CrossEntropyCriterion(_PixelLoss):
 class IntegratedCriterion(_PixelLoss):
     """w_gen * L_gen + w_ref * L_ref + w_var * L_var (shared/spec/integrated-classifier.md).
 
-    L_gen: binary cross-entropy of the general logits against the one-hot label, averaged over
-        pixels and classes.
+    L_gen: binary cross-entropy of the general logits against the one-hot label, summed over
+        the K classes and averaged over pixels, so that per pixel it weighs like a
+        cross-entropy (a mean over classes would give the general classifier, which decides
+        the candidates, 1/K of the refinement's pull on the shared features).
     L_ref: cross-entropy of the refinement softmax restricted to the general top-k candidates
         *plus the true class* (teacher forcing: where the general classifier missed the true
         class, the refiner still learns to pick it among the confusing candidates; always finite).
@@ -117,7 +119,7 @@ class IntegratedCriterion(_PixelLoss):
 
         # BCE-with-logits summed over classes: sum_c softplus(g_c) - g_target (no one-hot).
         bce = F.softplus(general_logits).sum(1) - general_logits.gather(1, target).squeeze(1)
-        general = (bce * weight).sum() / num_classes
+        general = (bce * weight).sum()
 
         # Integrate at mask resolution (as IntegratedClassifier.resize_logits does in eval).
         log_probs, candidates = integrate(general_logits, refine_logits, self.top_k)

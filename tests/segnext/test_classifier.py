@@ -55,7 +55,7 @@ def test_integrated_outputs_and_init():
     assert isinstance(head, IntegratedClassifier) and head.top_k == 3
     for conv in (head.general, head.refine_out):
         assert conv.weight.std().item() == pytest.approx(0.01, rel=0.3)
-        assert torch.count_nonzero(conv.bias) == 0
+        assert torch.count_nonzero(conv.bias) == (7 if conv is head.general else 0)
     out = head.eval()(torch.randn(2, 16, 5, 4))
     assert set(out) == {"logits", "general_logits", "refine_logits"}
     for value in out.values():
@@ -114,3 +114,18 @@ def test_resize_logits_integrates_after_resizing():
     logits = standard(torch.randn(1, 8, 4, 5))
     expected = F.interpolate(logits["logits"], size=(16, 20), mode="bilinear")
     assert torch.equal(standard.resize_logits(logits, (16, 20)), expected)
+
+
+def test_general_biases_start_at_the_class_prior():
+    """sigmoid(g) starts at 1/K (default) or at the given class frequencies, not at 0.5."""
+    head = build_classifier("integrated", 16, 4).eval()
+    assert torch.allclose(head.general.bias.sigmoid(), torch.full((4,), 0.25), atol=1e-6)
+    prior = [0.5, 0.3, 0.15, 0.05]
+    head = build_classifier("integrated", 16, 4, prior=prior).eval()
+    assert torch.allclose(head.general.bias.sigmoid(), torch.tensor(prior), atol=1e-6)
+    # Near-zero weights: the initial general probabilities are the prior everywhere.
+    p_gen = head(torch.randn(1, 16, 3, 3))["general_logits"].sigmoid()
+    assert torch.allclose(p_gen.mean((0, 2, 3)), torch.tensor(prior), atol=0.02)
+    for bad in ([0.5, 0.5], [0.5, 0.3, 0.2, 0.0], [0.5, 0.3, 0.2, "x"]):
+        with pytest.raises(ValueError, match="prior must list 4 class frequencies"):
+            build_classifier("integrated", 16, 4, prior=bad)

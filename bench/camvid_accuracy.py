@@ -1,0 +1,466 @@
+"""CamVid from scratch on the CPU: the standard and the integrated classifier side by side.
+
+Builds CamVid shards (train, val, test) if absent, trains SegNeXt-T once per head through
+`segnext train`'s own code path (`pipelines.train.run_training`: Ray Data -> Ray Train CPU
+workers, MLflow) on identical settings, seed and iterations (configs/camvid-cpu.yaml: images at
+half size, crop 180x240), then scores each final model on the 233 test images with
+`segnext eval`'s code (`pipelines.evaluate.evaluate`, predicted at 240x180, scored against the
+full-size masks). Printed and logged to MLflow (one run per head under a parent comparison
+run): test mIoU, aAcc, per-class IoU, the five most confused pairs of each head and how each
+pair changed, images/s and CPU-s per image, a per-class IoU bar picture of both heads, and
+per-part diagnostics (accuracy of the integrated head's general classifier alone, top-k recall
+of each head's scores, accuracy of the final decision where the true class is a candidate).
+
+    .venv/bin/python bench/camvid_accuracy.py --iterations 300          # the benchmark
+    .venv/bin/python bench/camvid_accuracy.py --iterations 2 --limit 8 \\
+        --shards /tmp/s --out /tmp/o --set data.crop_size=[60,80] ...   # smoke (tests/bench)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from cpu_meter import CpuMeter  # bench/ is the script's folder, first on sys.path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+HEADS = ("standard", "integrated")
+TOP_K = 3  # the integrated head's default candidates; the recall of both heads is measured at it
+TOP_PAIRS = 5
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--camvid",
+        default=str(REPO.parent / "shared/datasets/camvid"),
+        help="CamVid in the SegNet layout (train/ trainannot/ ...)",
+    )
+    parser.add_argument(
+        "--shards",
+        default=str(REPO / "runs/shards/camvid"),
+        help="shards folder; built from --camvid when it has no dataset.json",
+    )
+    parser.add_argument("--limit", type=int, help="first N samples per split (smoke runs only)")
+    parser.add_argument(
+        "--out",
+        default=str(REPO / "runs/camvid-cpu"),
+        help="results, MLflow store and Ray runs go here",
+    )
+    parser.add_argument("--config", default=str(REPO / "configs/camvid-cpu.yaml"))
+    parser.add_argument("--iterations", type=int, default=300, help="optimizer steps per head")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--heads", nargs="+", default=list(HEADS), choices=HEADS)
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="key=value",
+        help="extra config overrides for both heads (segnext train syntax)",
+    )
+    return parser.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------- steps
+
+
+def ensure_shards(args: argparse.Namespace) -> Path:
+    """`segnext shards camvid` into --shards unless a manifest is already there."""
+    shards = Path(args.shards).resolve()
+    if (shards / "dataset.json").is_file():
+        return shards
+    if not (Path(args.camvid) / "train.txt").is_file():
+        sys.exit(f"camvid_accuracy: no CamVid at {args.camvid} (train.txt missing); pass --camvid")
+    command = [
+        sys.executable,
+        "-m",
+        "pipelines.cli",
+        "shards",
+        "camvid",
+        "--root",
+        args.camvid,
+        "--out",
+        str(shards),
+        "--splits",
+        "train,val,test",
+        "--workers",
+        "1",
+    ]
+    if args.limit:
+        command += ["--limit", str(args.limit)]
+    print("[camvid] " + " ".join(command), flush=True)
+    subprocess.run(command, check=True, cwd=REPO)
+    return shards
+
+
+def head_config(args: argparse.Namespace, head: str, shards: Path, out: Path):
+    """The config file plus the overrides every head shares; only the classifier differs."""
+    from pipelines.config import load_config
+
+    iterations = args.iterations
+    base = load_config(args.config, [f"data.root={shards}", *args.set])
+    from data.shards import load_manifest
+
+    train_samples = sum(load_manifest(str(shards)).num_samples(s) for s in base.data.train_splits)
+    epochs = math.ceil(iterations * base.train.global_batch_size / max(train_samples, 1))
+    overrides = [
+        f"model.classifier={head}",
+        f"data.root={shards}",
+        f"data.stream_epochs={max(epochs, 1)}",
+        f"schedule.iterations={iterations}",
+        f"schedule.warmup_iters={iterations // 20}",
+        f"train.seed={args.seed}",
+        f"train.val_every={iterations}",
+        f"train.checkpoint_every={iterations}",
+        f"train.log_every={max(1, min(base.train.log_every, iterations // 2))}",
+        "registry.register=false",
+        f"mlflow.tracking_uri={tracking_uri(out)}",
+        f"run.storage_path={out / 'ray'}",
+        *args.set,
+    ]
+    return load_config(args.config, overrides)
+
+
+def tracking_uri(out: Path) -> str:
+    return f"sqlite:///{(out / 'mlflow.db').resolve()}"
+
+
+def train_head(cfg, run_name: str, out: Path, parent_run_id: str) -> dict[str, Any]:
+    """`segnext train` for one head; wall time, CPU time and the run's own throughput."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.train import run_training
+
+    meter = CpuMeter().start()
+    start = time.perf_counter()
+    result = run_training(
+        cfg,
+        run_name=run_name,
+        storage_path=str(out / "ray"),
+        mlflow_parent_run_id=parent_run_id,
+        mlflow_run_tags={"benchmark": "camvid_accuracy"},
+    )
+    wall = time.perf_counter() - start
+    cpu = meter.stop()
+    if result.best_checkpoint is None:
+        raise RuntimeError(f"run {run_name} reported no checkpoint; see {result.path}")
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+
+    def history(key: str) -> list[float]:
+        points = sorted(client.get_metric_history(result.run_id, key), key=lambda m: m.step)
+        steady = [m.value for m in points if m.step > cfg.train.log_every]  # start-up excluded
+        return steady or [m.value for m in points]
+
+    images = cfg.schedule.iterations * cfg.train.global_batch_size
+    return {
+        "run_id": result.run_id,
+        "checkpoint": result.best_checkpoint,
+        "iterations": result.iteration,
+        "val_mIoU": result.best_val_miou,
+        "train_wall_s": wall,
+        "images_per_s": statistics.median(history("perf/images_per_s")),
+        "step_s": statistics.median(history("perf/step_time_s")),
+        "cpu_s_per_image": cpu / images,
+        "final_train_loss": history("train/loss")[-1],
+    }
+
+
+def evaluate_head(checkpoint: str, shards: Path) -> Any:
+    """`segnext eval --split test --distributed off` on the head's final checkpoint."""
+    from pipelines.evaluate import evaluate
+
+    return evaluate(checkpoint, str(shards), split="test", distributed="off", progress=False)
+
+
+@torch.no_grad()
+def diagnose(checkpoint: str, shards: Path, cfg) -> dict[str, float]:
+    """Per-part accuracy on the test split at the training resolution (masks resized nearest).
+
+    For both heads: top-k recall of the scores the head ranks classes by (softmax logits /
+    the integrated head's general logits). For the integrated head also: pixel accuracy of the
+    general classifier alone and of the final (integrated) decision, and the final decision's
+    accuracy on pixels whose true class is among the candidates (the refinement's own job).
+    """
+    from data.loader import build_torch_loader
+    from pipelines.checkpoint import load_checkpoint, model_from_checkpoint
+    from segnext.classifier import candidate_mask
+    from segnext.metrics import ConfusionMatrix
+
+    model = model_from_checkpoint(load_checkpoint(checkpoint))
+    head = model.decode_head.classifier
+    integrated = cfg.model.classifier == "integrated"
+    loader = build_torch_loader(
+        str(shards),
+        "test",
+        train=False,
+        crop_size=tuple(cfg.data.crop_size),
+        batch_size=8,
+        num_workers=0,
+        scale=tuple(cfg.data.scale) if cfg.data.scale else None,
+        drop_last=False,
+    )
+    k = model.num_classes
+    general_cm, final_cm = ConfusionMatrix(k), ConfusionMatrix(k)
+    counts = {"valid": 0, "in_top_k": 0, "final_right_in_top_k": 0}
+    for batch in loader:
+        images, masks = batch["images"], batch["masks"]
+        outputs = model.decode_head(model.backbone(images)[1:])
+        size = tuple(masks.shape[-2:])
+        final = head.resize_logits(outputs, size)
+        ranking = final
+        if integrated:  # the general logits, resized the way the head resizes them
+            ranking = F.interpolate(
+                outputs["general_logits"], size=size, mode="bilinear", align_corners=False
+            )
+        valid = masks != 255
+        target = masks.masked_fill(~valid, 0)
+        hit = candidate_mask(ranking, TOP_K).gather(1, target.unsqueeze(1)).squeeze(1) & valid
+        right = final.argmax(1) == masks
+        counts["valid"] += int(valid.sum())
+        counts["in_top_k"] += int(hit.sum())
+        counts["final_right_in_top_k"] += int((right & hit).sum())
+        general_cm.update(ranking.argmax(1), masks)
+        final_cm.update(final.argmax(1), masks)
+    general, final = general_cm.compute(), final_cm.compute()
+    result = {
+        f"top{TOP_K}_recall": counts["in_top_k"] / max(counts["valid"], 1),
+        f"final_acc_given_top{TOP_K}": counts["final_right_in_top_k"] / max(counts["in_top_k"], 1),
+        "final_aAcc_train_res": final["aAcc"],
+    }
+    if integrated:
+        result.update({"general_aAcc": general["aAcc"], "general_mIoU": general["mIoU"]})
+    return result
+
+
+# ---------------------------------------------------------------------------------- report
+
+
+def pair_fraction(matrix: np.ndarray, true_id: int, pred_id: int) -> float:
+    total = matrix[true_id].sum()
+    return float(matrix[true_id, pred_id] / total) if total else float("nan")
+
+
+def confusion_changes(results: dict[str, dict], names: list[str]) -> list[dict[str, Any]]:
+    """Every head's top pairs, with the share of the true class each head sends there."""
+    heads = list(results)
+    seen, rows = set(), []
+    for head in heads:
+        for pair in results[head]["scores"]["confused_pairs"][:TOP_PAIRS]:
+            key = (pair["true_id"], pair["pred_id"])
+            if key in seen:
+                continue
+            seen.add(key)
+            shares = {h: pair_fraction(np.asarray(results[h]["matrix"]), *key) for h in heads}
+            rows.append({"true": names[key[0]], "pred": names[key[1]], "top_of": head, **shares})
+    return rows
+
+
+def comparison_figure(results: dict[str, dict], names: list[str]):
+    """Per-class IoU bars, one colour per head, with each head's mIoU in the legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(names) + 2), 3.8))
+    width = 0.8 / len(results)
+    x = np.arange(len(names))
+    for i, (head, result) in enumerate(results.items()):
+        ious = np.nan_to_num(np.asarray(result["scores"]["per_class_iou"], dtype=float))
+        ax.bar(
+            x + (i - (len(results) - 1) / 2) * width,
+            ious,
+            width,
+            label=f"{head} (mIoU {100 * result['scores']['mIoU']:.1f})",
+        )
+    ax.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("test IoU")
+    ax.set_title("CamVid test per-class IoU")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def markdown(results: dict[str, dict], names: list[str], changes: list[dict]) -> str:
+    heads = list(results)
+    pct = "{:.2f}".format
+    lines = ["| | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
+
+    def row(label: str, values: list[str]) -> None:
+        lines.append(f"| {label} | " + " | ".join(values) + " |")
+
+    row("test mIoU", [pct(100 * results[h]["scores"]["mIoU"]) for h in heads])
+    row("test aAcc", [pct(100 * results[h]["scores"]["aAcc"]) for h in heads])
+    row("test mAcc", [pct(100 * results[h]["scores"]["mAcc"]) for h in heads])
+    for i, name in enumerate(names):
+        row(f"IoU {name}", [pct(100 * results[h]["scores"]["per_class_iou"][i]) for h in heads])
+    row("train images/s (median window)", [f"{results[h]['images_per_s']:.2f}" for h in heads])
+    row("train step (s, median)", [f"{results[h]['step_s']:.2f}" for h in heads])
+    row("train CPU-s / image (whole run)", [f"{results[h]['cpu_s_per_image']:.2f}" for h in heads])
+    row(
+        "train wall (s, incl. start-up + val)", [f"{results[h]['train_wall_s']:.0f}" for h in heads]
+    )
+    row(
+        f"top-{TOP_K} recall (test)",
+        [pct(100 * results[h]["diag"][f"top{TOP_K}_recall"]) for h in heads],
+    )
+    row(
+        f"final acc. where true class in top-{TOP_K}",
+        [pct(100 * results[h]["diag"][f"final_acc_given_top{TOP_K}"]) for h in heads],
+    )
+    if "integrated" in results:
+        diag = results["integrated"]["diag"]
+        row(
+            "general classifier alone: aAcc / mIoU",
+            [
+                "-"
+                if h != "integrated"
+                else f"{100 * diag['general_aAcc']:.2f} / {100 * diag['general_mIoU']:.2f}"
+                for h in heads
+            ],
+        )
+    lines += [
+        "",
+        "Most confused pairs (share of the true class's pixels predicted as the other):",
+        "",
+        "| true -> predicted | top-5 of | " + " | ".join(heads) + " | change (pp) |",
+        "|---|---|" + "---|" * len(heads) + "---|",
+    ]
+    for c in changes:
+        shares = [f"{100 * c[h]:.1f}%" for h in heads]
+        delta = f"{100 * (c[heads[-1]] - c[heads[0]]):+.1f}" if len(heads) > 1 else "-"
+        lines.append(
+            f"| {c['true']} -> {c['pred']} | {c['top_of']} | "
+            + " | ".join(shares)
+            + f" | {delta} |"
+        )
+    return "\n".join(lines)
+
+
+def log_comparison(client, parent_run_id: str, results: dict, names: list[str], text: str) -> None:
+    from mlflow.entities import Metric
+
+    from pipelines.tracking import metric_name
+
+    metrics = []
+    for head, result in results.items():
+        metrics += [
+            Metric(f"{head}/test_mIoU", result["scores"]["mIoU"], 0, 0),
+            Metric(f"{head}/test_aAcc", result["scores"]["aAcc"], 0, 0),
+            Metric(f"{head}/images_per_s", result["images_per_s"], 0, 0),
+        ]
+        for name, iou in zip(names, result["scores"]["per_class_iou"], strict=True):
+            if not math.isnan(iou):
+                metrics.append(Metric(metric_name(f"{head}/test_IoU/{name}"), iou, 0, 0))
+    client.log_batch(parent_run_id, metrics=metrics)
+    client.log_figure(parent_run_id, comparison_figure(results, names), "per_class_iou_heads.png")
+    client.log_text(parent_run_id, text, "comparison.md")
+    client.log_dict(parent_run_id, _jsonable(results), "results.json")
+
+
+def _jsonable(results: dict) -> dict:
+    return {head: {k: v for k, v in r.items() if k != "eval"} for head, r in results.items()}
+
+
+# ---------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    shards = ensure_shards(args)
+    configs = {head: head_config(args, head, shards, out) for head in args.heads}
+
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from pipelines import tracking
+    from pipelines.evaluate import log_to_mlflow
+    from pipelines.train import init_ray
+
+    uri = tracking_uri(out)
+    first = configs[args.heads[0]]
+    experiment_id = tracking.ensure_experiment(uri, first.mlflow.experiment)
+    client = MlflowClient(uri)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    parent = client.create_run(
+        experiment_id, run_name=f"camvid-cpu-compare-{stamp}", tags={"benchmark": "camvid_accuracy"}
+    ).info.run_id
+    client.log_param(parent, "iterations", args.iterations)
+    client.log_param(parent, "seed", args.seed)
+    client.log_param(parent, "overrides", " ".join(args.set) or "-")
+    init_ray("local", num_cpus=None)
+    results: dict[str, dict] = {}
+    names: list[str] = []
+    try:
+        for head in args.heads:
+            cfg = configs[head]
+            print(f"[camvid] training {head}: {args.iterations} iterations", flush=True)
+            result = train_head(cfg, f"camvid-cpu-{head}-s{args.seed}-{stamp}", out, parent)
+            print(f"[camvid] evaluating {head} on test", flush=True)
+            start = time.perf_counter()
+            evaluation = evaluate_head(result["checkpoint"], shards)
+            result["eval_wall_s"] = time.perf_counter() - start
+            result["test_images"] = evaluation.num_samples
+            evaluation.model_run_id = result["run_id"]
+            log_to_mlflow(
+                evaluation,
+                model=result["checkpoint"],
+                data=str(shards),
+                split="test",
+                target="model",
+                experiment=cfg.mlflow.experiment,
+                tracking_uri=uri,
+            )
+            result.update(
+                scores=evaluation.scores,
+                matrix=evaluation.matrix.tolist(),
+                diag=diagnose(result["checkpoint"], shards, cfg),
+            )
+            client.log_batch(
+                result["run_id"],
+                metrics=[Metric(f"diag/{k}", float(v), 0, 0) for k, v in result["diag"].items()],
+            )
+            names = evaluation.class_names
+            results[head] = result
+            print(
+                json.dumps({k: v for k, v in result.items() if k != "matrix"}, default=str),
+                flush=True,
+            )
+    except BaseException:
+        client.set_terminated(parent, status="FAILED")
+        raise
+    changes = confusion_changes(results, names)
+    text = markdown(results, names, changes)
+    images = results[args.heads[0]]["test_images"]
+    header = (
+        f"CamVid test ({images} images), SegNeXt-T from scratch, {args.iterations} iterations, "
+        f"seed {args.seed}, config {Path(args.config).name}"
+        + (f" + {' '.join(args.set)}" if args.set else "")
+    )
+    text = header + "\n\n" + text
+    print(text, flush=True)
+    (out / "report.md").write_text(text + "\n")
+    (out / "results.json").write_text(json.dumps(_jsonable(results), indent=1, default=str))
+    log_comparison(client, parent, results, names, text)
+    client.set_terminated(parent)
+    print(f"[camvid] results in {out}/report.md, MLflow parent run {parent} ({uri})", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
