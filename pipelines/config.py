@@ -39,6 +39,10 @@ class ModelConfig:
     drop_path_rate: float | None = None  # None: the variant's default
     nmf: dict[str, Any] = field(default_factory=dict)  # NMF options passed to create_model
     pretrained: str | None = None  # official SegNeXt / MSCAN checkpoint to start from
+    # a checkpoint of this project to start from (path, s3:// URI, models:/NAME@ALIAS): its
+    # encoder only, or the whole model (same classes); a restored run resumes its own instead
+    init_from: str | None = None
+    init_part: Literal["encoder", "model"] = "model"
 
 
 @dataclass
@@ -115,6 +119,8 @@ class RayConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    # GPUs each worker holds with use_gpu (None: 1); a fraction lets trials share a card
+    gpus_per_worker: float | None = None
     resources_per_worker: dict[str, float] = field(default_factory=dict)
     address: str | None = None  # None: join a running cluster if any, else start one
 
@@ -369,6 +375,11 @@ def _validate(cfg: ExperimentConfig, source: str) -> None:
         "model.drop_path_rate",
         "must be in [0, 1)",
     )
+    require(
+        not (cfg.model.init_from and cfg.model.pretrained),
+        "model.init_from",
+        "and model.pretrained both set the initial weights; keep one",
+    )
     require(cfg.optim.lr > 0, "optim.lr", "must be > 0")
     require(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     require(len(cfg.optim.betas) == 2, "optim.betas", "must be [beta1, beta2]")
@@ -388,6 +399,25 @@ def _validate(cfg: ExperimentConfig, source: str) -> None:
     require(cfg.train.max_failures >= -1, "train.max_failures", "must be >= -1 (-1: forever)")
     require(cfg.ray.num_workers > 0, "ray.num_workers", "must be > 0")
     require(cfg.ray.cpus_per_worker > 0, "ray.cpus_per_worker", "must be > 0")
+    gpus = cfg.ray.gpus_per_worker
+    if gpus is not None:
+        require(cfg.ray.use_gpu, "ray.gpus_per_worker", "needs ray.use_gpu=true")
+        require(
+            gpus > 0 and (gpus <= 1 or float(gpus).is_integer()),
+            "ray.gpus_per_worker",
+            f"= {gpus} must be a fraction in (0, 1] or a whole number (Ray splits one card only)",
+        )
+        require(
+            "GPU" not in cfg.ray.resources_per_worker,
+            "ray.gpus_per_worker",
+            "and ray.resources_per_worker.GPU both set the GPUs; keep ray.gpus_per_worker",
+        )
+        require(
+            gpus >= 1 or cfg.ray.num_workers == 1,
+            "ray.gpus_per_worker",
+            f"= {gpus} with ray.num_workers = {cfg.ray.num_workers}: two ranks of one run could "
+            "share a card, which NCCL refuses; use ray.num_workers=1 with a GPU fraction",
+        )
     per_step = cfg.ray.num_workers * cfg.micro_batch_size
     require(
         cfg.micro_batch_size > 0 and cfg.train.global_batch_size % per_step == 0,

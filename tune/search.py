@@ -2,10 +2,12 @@
 
 How a search runs:
 - The driver validates the config and the search space, reads the shards' manifest and
-  dry-builds the model (`pipelines.train.prepare`), then checks the resource plan: one trial
-  needs `ray.num_workers` workers plus a read task and a tiny trial driver; a search that
-  cannot place one trial fails here, and `max_concurrent` is capped to what the cluster holds
-  at once. Only then does it create the MLflow parent run (and the store, before any worker).
+  dry-builds the model (`pipelines.train.prepare`), resolves `tune.warm_start` (the weights
+  every trial starts from, or training from scratch when it is missing and allowed), then
+  checks the resource plan: one trial needs `ray.num_workers` workers (`ray.gpus_per_worker`
+  may be a fraction, so trials share a card) plus a read task and a tiny trial driver; a
+  search that cannot place one trial fails here, and `max_concurrent` is capped to what the
+  cluster holds at once. Only then does it create the MLflow parent run (and the store, before any worker).
 - Each trial is a function trainable holding 0.01 CPU that calls `run_training` with Tune's
   `TuneReportCallback`: the Train workers (placed by Ray Train, on GPUs when `ray.use_gpu`)
   report `val/mIoU` and `iteration` at each validation, which Tune forwards to ASHA. Trials
@@ -15,7 +17,7 @@ How a search runs:
   failed and the search goes on.
 - Afterwards each trial's nested MLflow run gets its status tag (completed, stopped early,
   failed) and the parent run the results table (CSV + markdown) and a picture of val mIoU
-  against each searched value. The best trial's best checkpoint is registered; the champion
+  and the IoU of the confusing classes against each searched value. The best trial's best checkpoint is registered; the champion
   alias moves only when it beats the current champion.
 - `--resume NAME` continues an interrupted search (`Tuner.restore`): finished trials are kept,
   unfinished ones continue from their last Train checkpoint, missing ones are started. ASHA's
@@ -44,6 +46,7 @@ SCORE = "val/mIoU"
 TIME_ATTR = "iteration"  # the train iteration reported with each validation
 TRIAL_DRIVER_CPU = 0.01  # the trial only waits on its Train run; 0 is rejected by Tune
 MAX_ERROR_CHARS = 200
+CONFUSED_PAIRS = 2  # the best trial's most confused pairs whose classes the picture plots
 _EXCEPTION_LINE = re.compile(r"^[\w.]+(Error|Exception|Interrupt|Exit)(\(\w+\))?: ")
 
 COMPLETED, STOPPED, FAILED = "completed", "stopped early", "failed"
@@ -72,6 +75,7 @@ class TrialOutcome:
     checkpoint_miou: float | None = None
     error: str | None = None
     mlflow_run_id: str | None = None
+    class_iou: dict[str, float] = field(default_factory=dict)  # at its best validation
 
 
 @dataclass
@@ -170,11 +174,13 @@ def run_search(
     from ray import tune
 
     from pipelines import tracking
-    from pipelines.train import prepare
 
     start = time.perf_counter()
-    cfg = prepare(cfg).cfg  # every config/data/model error now, with absolute paths
+    notes: list[str] = []
+    prepared = _warm_start(cfg, settings, notes)  # every config/data/model error now
+    cfg = prepared.cfg
     _check_schedule(cfg, settings)
+    _check_classes(settings, prepared.meta["class_names"])
     storage = cfg.run.storage_path
     path = f"{storage}/{name}"
     if resume and not tune.Tuner.can_restore(path):
@@ -189,7 +195,6 @@ def run_search(
         )
 
     init_ray(cfg.ray.address)
-    notes: list[str] = []
     concurrency = _plan(cfg, settings, notes)  # a search that cannot run ends here
     # The MLflow store and experiment are created here, in the driver, before any worker.
     tracking_uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
@@ -225,6 +230,7 @@ def run_search(
     )
     _record_trials(client, experiment_id, summary)
     summary.best = best_trial(outcomes)
+    _record_class_iou(client, summary, settings)
     if not interrupted and summary.best is not None and cfg.registry.register:
         _register_best(summary, cfg, tracking_uri)
     summary.wall_s = time.perf_counter() - start
@@ -290,6 +296,44 @@ def _trial_dirname(trial: Any) -> str:
 # ---------------------------------------------------------------------------------- planning
 
 
+def _warm_start(cfg: ExperimentConfig, settings: SearchSettings, notes: list[str]):
+    """The `Prepared` config every trial starts from (absolute paths, `model.init_from` resolved):
+    `tune.warm_start`'s weights when its source exists; with `if_missing: scratch` a missing
+    source means training from scratch with the `scratch` overrides. The choice is printed."""
+    from pipelines.train import prepare
+    from pipelines.warm_start import WarmStartMissing
+
+    warm = settings.warm_start
+    if warm is None:
+        return prepare(cfg)
+    try:
+        chosen = prepare(
+            with_overrides(cfg, {"model.init_from": warm.source, "model.init_part": warm.part})
+        )
+        line = f"warm start: every trial starts from the {warm.part} of {warm.source}"
+    except WarmStartMissing as error:
+        if warm.if_missing == "fail":
+            raise ConfigError(
+                f"tune.warm_start: {error} (or set tune.warm_start.if_missing: scratch)"
+            ) from None
+        chosen = prepare(with_overrides(cfg, warm.scratch))
+        extra = ", ".join(f"{key}={value}" for key, value in warm.scratch.items())
+        line = f"warm start: {warm.source} not found; training from scratch" + (
+            f" ({extra})" if extra else ""
+        )
+    print(f"[segnext tune] {line}", flush=True)
+    notes.append(line)
+    return chosen
+
+
+def _check_classes(settings: SearchSettings, names: list[str]) -> None:
+    unknown = [name for name in settings.classes or [] if name not in names]
+    if unknown:
+        raise ConfigError(
+            f"tune.classes: {unknown} are not classes of the shards; choose from {names}"
+        )
+
+
 def _check_schedule(cfg: ExperimentConfig, settings: SearchSettings) -> None:
     grace = settings.asha.grace_period * cfg.train.val_every
     if grace > cfg.schedule.iterations:
@@ -302,19 +346,39 @@ def _check_schedule(cfg: ExperimentConfig, settings: SearchSettings) -> None:
 
 def trial_demand(cfg: ExperimentConfig) -> dict[str, float]:
     """Resources one trial holds: its Train workers, one data read task, the trial driver."""
-    worker = {"CPU": cfg.ray.cpus_per_worker, **cfg.ray.resources_per_worker}
-    if cfg.ray.use_gpu:
-        worker.setdefault("GPU", 1.0)
+    from pipelines.train import worker_resources
+
+    worker = worker_resources(cfg)
     demand = {key: value * cfg.ray.num_workers for key, value in worker.items() if value > 0}
     demand["CPU"] = demand.get("CPU", 0.0) + cfg.data.read_cpus + TRIAL_DRIVER_CPU
     return demand
 
 
 def plan_concurrency(
-    demand: dict[str, float], cluster: dict[str, float], requested: int | None, total: int
+    demand: dict[str, float],
+    cluster: dict[str, float],
+    requested: int | None,
+    total: int,
+    *,
+    gpu_share: tuple[int, float] | None = None,
 ) -> int:
-    """Trials that fit at once (<= requested and total); ResourcePlanError when none does."""
+    """Trials that fit at once (<= requested and total); ResourcePlanError when none does.
+
+    `gpu_share` = (workers per trial, fraction of a GPU each): Ray never splits one worker's
+    fraction across cards, so a card holds floor(1 / fraction) such workers (two cards hold
+    four 0.4-GPU workers, not five, although 5 x 0.4 = 2).
+    """
     fits = min(math.floor(cluster.get(key, 0.0) / need + 1e-9) for key, need in demand.items())
+    packing = ""
+    if gpu_share is not None and gpu_share[1] < 1:
+        workers, fraction = gpu_share
+        per_card = math.floor(1 / fraction + 1e-9)
+        slots = math.floor(cluster.get("GPU", 0.0) + 1e-9) * per_card
+        fits = min(fits, slots // workers)
+        packing = (
+            f"; each GPU holds {per_card} worker(s) of {fraction:g} GPU, "
+            f"{slots} on the cluster's {cluster.get('GPU', 0.0):g} GPU(s)"
+        )
     if fits < 1:
         short = ", ".join(
             f"{key} {need:g} (cluster: {cluster.get(key, 0.0):g})"
@@ -323,31 +387,51 @@ def plan_concurrency(
         )
         raise ResourcePlanError(
             f"one trial needs {_format_resources(demand)} but the cluster cannot hold it: "
-            f"short of {short}. Lower ray.num_workers, ray.cpus_per_worker or "
-            "ray.resources_per_worker, set ray.use_gpu=false, add nodes, or (autoscaling "
-            "cluster) set tune.capacity to what it grows to"
+            f"short of {short or 'whole GPUs'}{packing}. Lower ray.num_workers, "
+            "ray.cpus_per_worker, ray.gpus_per_worker or ray.resources_per_worker, set "
+            "ray.use_gpu=false, add nodes, or (autoscaling cluster) set tune.capacity to what "
+            "it grows to"
         )
     return min(fits, requested or fits, total)
 
 
-def _plan(cfg: ExperimentConfig, settings: SearchSettings, notes: list[str]) -> int:
-    import ray
-
+def plan_search(
+    cfg: ExperimentConfig, settings: SearchSettings, cluster: dict[str, float]
+) -> tuple[int, list[str]]:
+    """(trials at once, the plan's lines) for a cluster of `cluster` resources."""
     demand = trial_demand(cfg)
-    cluster = {key: float(value) for key, value in ray.cluster_resources().items()}
+    cluster = dict(cluster)
     for key, value in (settings.capacity or {}).items():
         cluster[key] = max(cluster.get(key, 0.0), value)
-    concurrency = plan_concurrency(demand, cluster, settings.max_concurrent, settings.total_trials)
+    share = None
+    if cfg.ray.use_gpu:
+        share = (cfg.ray.num_workers, demand["GPU"] / cfg.ray.num_workers)
+    concurrency = plan_concurrency(
+        demand, cluster, settings.max_concurrent, settings.total_trials, gpu_share=share
+    )
     plan = [
         f"plan: {settings.total_trials} trials, each {cfg.ray.num_workers} worker(s), "
         f"{_format_resources(demand)} per trial; cluster {_format_resources(cluster, demand)}; "
         f"{concurrency} at once"
     ]
+    if share is not None and share[1] < 1:
+        plan.append(
+            f"{share[1]:g} GPU per worker: up to {math.floor(1 / share[1] + 1e-9)} "
+            "trials' workers share each GPU"
+        )
     if settings.max_concurrent and concurrency < settings.max_concurrent:
         plan.append(
             f"max_concurrent {settings.max_concurrent} capped to {concurrency}: "
             "the cluster holds no more trials at once"
         )
+    return concurrency, plan
+
+
+def _plan(cfg: ExperimentConfig, settings: SearchSettings, notes: list[str]) -> int:
+    import ray
+
+    cluster = {key: float(value) for key, value in ray.cluster_resources().items()}
+    concurrency, plan = plan_search(cfg, settings, cluster)
     for line in plan:
         print(f"[segnext tune] {line}", flush=True)
     notes.extend(plan)
@@ -599,6 +683,56 @@ def _record_trials(client, experiment_id: str, summary: SearchSummary) -> None:
         outcome.mlflow_run_id = run_id
 
 
+def _record_class_iou(client, summary: SearchSummary, settings: SearchSettings) -> None:
+    """Each trial's IoU of the confusing classes at its best validation, read from its MLflow
+    run: `tune.classes`, else the classes of the best trial's most confused pairs."""
+    import json
+
+    from pipelines import tracking
+
+    best_steps = {}
+    for outcome in summary.outcomes:
+        history = (
+            []
+            if outcome.mlflow_run_id is None
+            else client.get_metric_history(outcome.mlflow_run_id, SCORE)
+        )
+        scored = [m for m in history if math.isfinite(m.value)]
+        if scored:
+            best_steps[outcome.trial_id] = max(scored, key=lambda m: m.value).step
+    classes = list(settings.classes or [])
+    best = summary.best
+    if not classes and best is not None and best.trial_id in best_steps:
+        artifact = f"validation/step_{best_steps[best.trial_id]:07d}/metrics.json"
+        try:
+            local = client.download_artifacts(best.mlflow_run_id, artifact)
+            pairs = json.loads(Path(local).read_text())["confused_pairs"][:CONFUSED_PAIRS]
+        except Exception as error:  # no artifact store reachable: the picture shows mIoU only
+            summary.notes.append(f"confusing pairs unavailable ({artifact}: {error})")
+            pairs = []
+        for pair in pairs:
+            classes += [name for name in (pair["true"], pair["pred"]) if name not in classes]
+        if pairs:
+            summary.notes.append(
+                f"confusing pairs of the best trial {best.trial_id} (true -> predicted): "
+                + ", ".join(
+                    f"{p['true']} -> {p['pred']} ({100 * p['fraction']:.1f}% of {p['true']})"
+                    for p in pairs
+                )
+            )
+    for outcome in summary.outcomes:
+        step = best_steps.get(outcome.trial_id)
+        if step is None:
+            continue
+        for name in classes:
+            history = client.get_metric_history(
+                outcome.mlflow_run_id, f"val/IoU/{tracking.metric_name(name)}"
+            )
+            values = [m.value for m in history if m.step == step]
+            if values and math.isfinite(values[-1]):
+                outcome.class_iou[name] = values[-1]
+
+
 def _record_parent(client, summary: SearchSummary, settings: SearchSettings) -> None:
     from pipelines import tracking
 
@@ -647,11 +781,29 @@ def _ranked(outcomes: list[TrialOutcome]) -> list[TrialOutcome]:
     )
 
 
+def _class_names(outcomes: list[TrialOutcome]) -> list[str]:
+    names: list[str] = []
+    for outcome in outcomes:
+        names += [name for name in outcome.class_iou if name not in names]
+    return names
+
+
 def results_csv(outcomes: list[TrialOutcome], settings: SearchSettings) -> str:
-    keys = _columns(settings, outcomes)
+    keys, classes = _columns(settings, outcomes), _class_names(outcomes)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["trial", "status", *keys, "best_val_mIoU", "iteration", "checkpoint", "error"])
+    writer.writerow(
+        [
+            "trial",
+            "status",
+            *keys,
+            "best_val_mIoU",
+            *(f"IoU_{c}" for c in classes),
+            "iteration",
+            "checkpoint",
+            "error",
+        ]
+    )
     for o in _ranked(outcomes):
         writer.writerow(
             [
@@ -659,6 +811,7 @@ def results_csv(outcomes: list[TrialOutcome], settings: SearchSettings) -> str:
                 o.status,
                 *(o.params.get(k, "") for k in keys),
                 "" if o.best_val_miou is None else f"{o.best_val_miou:.6f}",
+                *(f"{o.class_iou[c]:.6f}" if c in o.class_iou else "" for c in classes),
                 o.iteration,
                 o.checkpoint or "",
                 o.error or "",
@@ -668,8 +821,16 @@ def results_csv(outcomes: list[TrialOutcome], settings: SearchSettings) -> str:
 
 
 def results_markdown(outcomes: list[TrialOutcome], settings: SearchSettings) -> str:
-    keys = _columns(settings, outcomes)
-    header = ["trial", "status", *keys, "best val mIoU", "iteration", "error"]
+    keys, classes = _columns(settings, outcomes), _class_names(outcomes)
+    header = [
+        "trial",
+        "status",
+        *keys,
+        "best val mIoU",
+        *(f"IoU {c}" for c in classes),
+        "iteration",
+        "error",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for o in _ranked(outcomes):
         cells = [
@@ -677,6 +838,7 @@ def results_markdown(outcomes: list[TrialOutcome], settings: SearchSettings) -> 
             o.status,
             *(_cell(o.params.get(k, "")) for k in keys),
             "-" if o.best_val_miou is None else f"{o.best_val_miou:.4f}",
+            *(f"{o.class_iou[c]:.4f}" if c in o.class_iou else "-" for c in classes),
             str(o.iteration),
             (o.error or "").replace("|", "/"),
         ]
@@ -689,48 +851,59 @@ def _cell(value: Any) -> str:
 
 
 def params_figure(outcomes: list[TrialOutcome], settings: SearchSettings):
-    """One scatter per searched key: best val mIoU against the trial's value, coloured by status
-    (failed trials without a score sit at 0 as crosses)."""
+    """Which weights help the confusing classes: one column per searched key, one row for the
+    best val mIoU and one per confusing class (its IoU at the trial's best validation), each
+    point a trial against its value, coloured by status (failed trials sit at 0 as crosses)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = _columns(settings, outcomes)
+    keys, classes = _columns(settings, outcomes), _class_names(outcomes)
+    rows: list[tuple[str, Any]] = [("best val mIoU", lambda o: o.best_val_miou)]
+    rows += [(f"IoU {name}", lambda o, name=name: o.class_iou.get(name)) for name in classes]
     colors = {
         COMPLETED: "tab:green",
         STOPPED: "tab:orange",
         FAILED: "tab:red",
         INTERRUPTED: "tab:gray",
     }
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4), squeeze=False)
-    for ax, key in zip(axes[0], keys, strict=True):
+    fig, axes = plt.subplots(
+        len(rows), len(keys), figsize=(4 * len(keys), 3.0 * len(rows)), squeeze=False
+    )
+    for column, key in enumerate(keys):
         shown = [o for o in outcomes if key in o.params and o.status in colors]
         values = [o.params[key] for o in shown]
         numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
         labels = sorted({str(v) for v in values})
-        for status, color in colors.items():
-            points = [
-                (
-                    o.params[key] if numeric else labels.index(str(o.params[key])),
-                    o.best_val_miou if o.best_val_miou is not None else 0.0,
-                )
-                for o in shown
-                if o.status == status
-            ]
-            if points:
-                xs, ys = zip(*points, strict=True)
-                ax.scatter(xs, ys, c=color, label=status, marker="x" if status == FAILED else "o")
         dim = settings.space.get(key)
-        if numeric and dim is not None and dim.log_scale:
-            ax.set_xscale("log")
-        if not numeric:
-            ax.set_xticks(range(len(labels)), labels, rotation=30, fontsize=7)
-        ax.set_xlabel(key)
-        ax.set_ylabel("best val mIoU")
-        ax.grid(alpha=0.3)
+        for row, (label, score) in enumerate(rows):
+            ax = axes[row][column]
+            for status, color in colors.items():
+                points = [
+                    (
+                        o.params[key] if numeric else labels.index(str(o.params[key])),
+                        score(o) if score(o) is not None else 0.0,
+                    )
+                    for o in shown
+                    if o.status == status and (row == 0 or score(o) is not None)
+                ]
+                if points:
+                    xs, ys = zip(*points, strict=True)
+                    marker = "x" if status == FAILED else "o"
+                    ax.scatter(xs, ys, c=color, label=status, marker=marker)
+            if numeric and dim is not None and dim.log_scale:
+                ax.set_xscale("log")
+            if not numeric:
+                ax.set_xticks(range(len(labels)), labels, rotation=30, fontsize=7)
+            ax.set_xlabel(key)
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle("val mIoU per trial against each searched value")
+    title = "val mIoU per trial against each searched value"
+    if classes:
+        title = f"val mIoU and the IoU of the confusing classes ({', '.join(classes)}) per trial"
+    fig.suptitle(title)
     fig.tight_layout()
     return fig
 

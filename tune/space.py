@@ -93,6 +93,16 @@ class AshaSettings:
 
 
 @dataclass(frozen=True)
+class WarmStart:
+    """`tune.warm_start`: every trial starts from these weights (`model.init_from`)."""
+
+    source: str  # checkpoint path/folder, s3:// URI or models:/NAME@ALIAS
+    part: Literal["encoder", "model"] = "model"
+    if_missing: Literal["fail", "scratch"] = "fail"
+    scratch: dict[str, Any] = field(default_factory=dict)  # overrides when from scratch
+
+
+@dataclass(frozen=True)
 class SearchSettings:
     space: dict[str, Dimension]
     trials: int = 4
@@ -103,6 +113,9 @@ class SearchSettings:
     # Resources an autoscaling cluster can grow to (it reports only the nodes already up);
     # None: plan with what `ray.cluster_resources()` reports at start.
     capacity: dict[str, float] | None = None
+    warm_start: WarmStart | None = None
+    # classes whose IoU the results picture plots (None: the best trial's most confused pairs)
+    classes: list[str] | None = None
 
     @property
     def grid_size(self) -> int:
@@ -188,6 +201,13 @@ def parse_search_settings(
             )
         capacity = {str(key): float(_number(value)) for key, value in capacity.items()}
 
+    warm_start = _parse_warm_start(section.get("warm_start"), cfg, fail)
+    classes = section.get("classes")
+    if classes is not None and (
+        not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes)
+    ):
+        raise fail("classes", f"= {classes!r} must be a list of class names, e.g. [car, truck]")
+
     space_raw = section.get("space") or {}
     if not isinstance(space_raw, dict) or not space_raw:
         raise fail(
@@ -208,7 +228,51 @@ def parse_search_settings(
         seed=seed,
         asha=asha,
         capacity=capacity,
+        warm_start=warm_start,
+        classes=classes,
     )
+
+
+def _parse_warm_start(raw: Any, cfg: ExperimentConfig, fail) -> WarmStart | None:
+    """The schema only; whether the source exists and fits the shards is checked by the
+    search's driver (`pipelines.warm_start`), still before Ray starts."""
+    if raw is None:
+        return None
+    example = "e.g. {from: models:/segnext-demo@champion, part: model}"
+    if isinstance(raw, str):
+        raw = {"from": raw}
+    if not isinstance(raw, dict):
+        raise fail("warm_start", f"must be a checkpoint path or URI, or a mapping, {example}")
+    unknown = set(raw) - {"from", "part", "if_missing", "scratch"}
+    if unknown:
+        raise fail(
+            f"warm_start.{sorted(unknown)[0]}", "is unknown; use from, part, if_missing, scratch"
+        )
+    source = raw.get("from")
+    if not isinstance(source, str) or not source:
+        raise fail("warm_start.from", f"= {source!r} must be a checkpoint path or URI, {example}")
+    part = raw.get("part", "model")
+    if part not in ("encoder", "model"):
+        raise fail(
+            "warm_start.part",
+            f"= {part!r} must be model (every weight, same classes) or encoder (any classes)",
+        )
+    if_missing = raw.get("if_missing", "fail")
+    if if_missing not in ("fail", "scratch"):
+        raise fail("warm_start.if_missing", f"= {if_missing!r} must be fail or scratch")
+    scratch = raw.get("scratch") or {}
+    if not isinstance(scratch, dict) or (scratch and if_missing != "scratch"):
+        raise fail(
+            "warm_start.scratch",
+            "must be a mapping of config overrides, used only with if_missing: scratch",
+        )
+    if cfg.model.init_from or cfg.model.pretrained:
+        raise fail("warm_start", "and model.init_from/model.pretrained both set the weights")
+    try:
+        with_overrides(cfg, {**scratch, "model.init_from": source, "model.init_part": part})
+    except ConfigError as error:
+        raise fail("warm_start", f"is rejected by the config: {error}") from None
+    return WarmStart(source=source, part=part, if_missing=if_missing, scratch=dict(scratch))
 
 
 def _parse_asha(raw: Any, fail) -> AshaSettings:

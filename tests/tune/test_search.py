@@ -31,11 +31,12 @@ from tune.search import (
     _check_schedule,
     params_figure,
     plan_concurrency,
+    plan_search,
     results_csv,
     results_markdown,
     trial_demand,
 )
-from tune.space import load_search_config
+from tune.space import Dimension, SearchSettings, load_search_config
 
 SEARCH_YAML = """
 model: {{variant: tiny, classifier: integrated, drop_path_rate: 0.0}}
@@ -102,6 +103,39 @@ def test_grace_period_must_fit_in_the_schedule(tmp_path: Path) -> None:
         _check_schedule(cfg, settings)
 
 
+def test_picture_plots_the_confusing_classes_against_each_weight(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        SEARCH_YAML.format(shards="/x", store=tmp_path)
+        + "    loss.weights.variance: {loguniform: [0.01, 1.0]}\n"
+    )
+    _, settings = load_search_config(path)
+    outcomes = [
+        TrialOutcome(
+            f"t{i}",
+            f"s-t{i}",
+            COMPLETED,
+            {"optim.lr": 2e-3, "loss.weights.variance": weight},
+            best_val_miou=miou,
+            iteration=10,
+            class_iou={"car": car, "truck": truck},
+        )
+        for i, (weight, miou, car, truck) in enumerate(
+            [(0.01, 0.5, 0.4, 0.2), (0.5, 0.6, 0.5, 0.45)]
+        )
+    ]
+    figure = params_figure(outcomes, settings)
+    assert len(figure.axes) == 3 * 2  # rows: mIoU, IoU car, IoU truck; columns: the two keys
+    labels = [ax.get_ylabel() for ax in figure.axes]
+    assert labels == ["best val mIoU"] * 2 + ["IoU car"] * 2 + ["IoU truck"] * 2
+    assert figure.axes[5].get_xscale() == "log"
+    truck = figure.axes[5].collections[0].get_offsets()
+    assert sorted(map(tuple, truck.tolist())) == [(0.01, 0.2), (0.5, 0.45)]
+    table = results_markdown(outcomes, settings).splitlines()
+    assert table[0].endswith("| best val mIoU | IoU car | IoU truck | iteration | error |")
+    assert table[2].startswith("| t1 |") and "| 0.5000 | 0.4500 |" in table[2]
+
+
 def test_reports_rank_trials_and_draw_one_panel_per_key(tmp_path: Path) -> None:
     path = tmp_path / "s.yaml"
     path.write_text(
@@ -148,6 +182,177 @@ def test_reports_rank_trials_and_draw_one_panel_per_key(tmp_path: Path) -> None:
     assert figure.axes[0].get_xscale() == "linear"  # grid values plot as they are
     figure.savefig(tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def _gpu_cfg(tmp_path: Path, gpus: float, workers: int = 1):
+    return _cfg(
+        tmp_path,
+        "ray.use_gpu=true",
+        f"ray.gpus_per_worker={gpus}",
+        f"ray.num_workers={workers}",
+        "ray.cpus_per_worker=1",
+        "data.read_cpus=0.25",
+    )
+
+
+def _settings(trials: int, max_concurrent: int | None = None) -> SearchSettings:
+    dim = Dimension("optim.lr", "choice", (1e-3,))
+    return SearchSettings(space={"optim.lr": dim}, trials=trials, max_concurrent=max_concurrent)
+
+
+def test_fractional_gpus_let_trials_share_a_card(tmp_path: Path) -> None:
+    """Four 0.25-GPU trials on one GPU; the Train ScalingConfig asks Ray for the same."""
+    import ray.train
+
+    from pipelines.train import worker_resources
+
+    cfg = _gpu_cfg(tmp_path, 0.25)
+    assert worker_resources(cfg) == {"CPU": 1.0, "GPU": 0.25}
+    scaling = ray.train.ScalingConfig(
+        num_workers=1, use_gpu=True, resources_per_worker=worker_resources(cfg)
+    )
+    assert scaling._resources_per_worker_not_none == {"CPU": 1.0, "GPU": 0.25}
+    concurrency, plan = plan_search(cfg, _settings(8), {"CPU": 16.0, "GPU": 1.0})
+    assert concurrency == 4
+    assert "GPU: 0.25" in plan[0] and "4 at once" in plan[0]
+    assert "0.25 GPU per worker: up to 4 trials' workers share each GPU" in plan[1]
+    assert plan_search(cfg, _settings(8), {"CPU": 3.0, "GPU": 1.0})[0] == 2  # CPU-bound
+    # 0.4 GPU: two per card, not five on two cards (Ray never splits a worker's fraction)
+    assert plan_search(_gpu_cfg(tmp_path, 0.4), _settings(8), {"CPU": 64.0, "GPU": 2.0})[0] == 4
+    assert plan_search(_gpu_cfg(tmp_path, 2), _settings(8), {"CPU": 64.0, "GPU": 8.0})[0] == 4
+
+
+def test_gpu_plans_that_do_not_fit_are_refused_with_the_reason(tmp_path: Path) -> None:
+    with pytest.raises(ResourcePlanError) as error:
+        plan_search(_gpu_cfg(tmp_path, 0.25), _settings(4), {"CPU": 16.0})
+    assert "GPU 0.25 (cluster: 0)" in str(error.value)
+    assert "ray.gpus_per_worker" in str(error.value)
+    with pytest.raises(ResourcePlanError, match="short of GPU 2 .cluster: 1."):
+        plan_search(_gpu_cfg(tmp_path, 2), _settings(4), {"CPU": 16.0, "GPU": 1.0})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["ray.gpus_per_worker=0.5"], "ray.gpus_per_worker needs ray.use_gpu=true"),
+        (["ray.use_gpu=true", "ray.gpus_per_worker=1.5"], "a fraction in (0, 1] or a whole"),
+        (["ray.use_gpu=true", "ray.gpus_per_worker=0"], "a fraction in (0, 1]"),
+        (
+            ["ray.use_gpu=true", "ray.gpus_per_worker=0.5", "ray.num_workers=2"],
+            "which NCCL refuses",
+        ),
+        (
+            ["ray.use_gpu=true", "ray.gpus_per_worker=0.5", "ray.resources_per_worker={GPU: 1}"],
+            "both set the GPUs",
+        ),
+    ],
+)
+def test_bad_gpu_fractions_are_config_errors(tmp_path: Path, overrides, needle) -> None:
+    with pytest.raises(ConfigError) as error:
+        _cfg(tmp_path, *overrides)
+    assert needle in str(error.value)
+
+
+@pytest.fixture(scope="module")
+def small_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from data.shards import write_shards
+    from data.sources import Synthetic
+
+    shards = tmp_path_factory.mktemp("ws") / "shards"
+    write_shards(Synthetic(num_train=16, num_val=4, size=(64, 64), seed=0), shards, shard_size=16)
+    return shards
+
+
+def _warm_search(tmp_path: Path, shards: Path, warm_start: str):
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        SEARCH_YAML.format(shards=shards, store=tmp_path).replace(
+            "tune:\n", f"tune:\n  warm_start: {warm_start}\n"
+        )
+    )
+    return load_search_config(path)
+
+
+def test_warm_start_fits_the_shards_or_the_search_stops_before_ray(
+    tmp_path: Path, small_shards: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tune.search as search_module
+    from tune.search import run_search
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("Ray was started although the warm start is invalid")
+
+    monkeypatch.setattr(search_module, "init_ray", forbidden)
+    other = _checkpoint(tmp_path / "other", num_classes=3)
+    cases = [
+        (f"{{from: {tmp_path / 'none.pt'}}}", "does not exist"),
+        (f"{{from: {other}, part: model}}", "num_classes 3, this run 7"),
+        (f"{{from: {small_shards / 'dataset.json'}}}", "not a torch checkpoint"),
+    ]
+    for warm_start, needle in cases:
+        cfg, settings = _warm_search(tmp_path, small_shards, warm_start)
+        with pytest.raises(ConfigError) as error:
+            run_search(cfg, settings, name="w")
+        assert needle in str(error.value)
+        assert str(error.value).startswith(("tune.warm_start", "model.init_from"))
+
+
+def test_warm_start_uses_the_source_when_it_exists_else_trains_from_scratch(
+    tmp_path: Path, small_shards: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from tune.search import _warm_start
+
+    source = _checkpoint(tmp_path / "other", num_classes=3)
+    cfg, settings = _warm_search(tmp_path, small_shards, f"{{from: {source}, part: encoder}}")
+    notes: list[str] = []
+    prepared = _warm_start(cfg, settings, notes)
+    assert prepared.cfg.model.init_from == str(source)
+    assert prepared.cfg.model.init_part == "encoder"
+    assert notes == [f"warm start: every trial starts from the encoder of {source}"]
+
+    missing = tmp_path / "none.pt"
+    cfg, settings = _warm_search(
+        tmp_path,
+        small_shards,
+        f"{{from: {missing}, if_missing: scratch, scratch: {{schedule.iterations: 20}}}}",
+    )
+    notes = []
+    prepared = _warm_start(cfg, settings, notes)
+    assert prepared.cfg.model.init_from is None
+    assert prepared.cfg.schedule.iterations == 20
+    assert notes == [
+        f"warm start: {missing} not found; training from scratch (schedule.iterations=20)"
+    ]
+    assert notes[0] in capsys.readouterr().out
+
+
+def _checkpoint(folder: Path, *, num_classes: int) -> Path:
+    import segnext
+    from pipelines.checkpoint import build_meta, save_checkpoint
+
+    model = segnext.create_model("tiny", num_classes, classifier="integrated")
+    meta = build_meta(
+        variant="tiny",
+        num_classes=num_classes,
+        classifier="integrated",
+        classifier_kwargs={},
+        nmf={},
+        class_names=[f"c{i}" for i in range(num_classes)],
+        palette=[[i, i, i] for i in range(num_classes)],
+        ignore_index=255,
+        mean=[0.0] * 3,
+        std=[1.0] * 3,
+        crop_size=[64, 64],
+    )
+    payload = {
+        "model": model.state_dict(),
+        "iteration": 1,
+        "epoch": 0,
+        "metrics": {},
+        "config": {},
+        "meta": meta,
+    }
+    return save_checkpoint(folder, payload)
 
 
 # ---------------------------------------------------------------------------------- slow
@@ -228,6 +433,11 @@ def test_asha_stops_a_trial_and_a_diverging_trial_fails(search) -> None:
     assert by_lr[1e4].status == FAILED
     assert "nan" in by_lr[1e4].error.lower(), by_lr[1e4].error
     assert second.best is by_lr[2e-3]
+    # the confusing classes: those of the best trial's most confused pairs, read from MLflow
+    assert any("confusing pairs of the best trial" in note for note in second.notes)
+    assert 2 <= len(second.best.class_iou) <= 4
+    assert all(0.0 <= iou <= 1.0 for iou in second.best.class_iou.values())
+    assert set(by_lr[1e-7].class_iou) == set(second.best.class_iou)
     assert second.best.checkpoint and Path(second.best.checkpoint).is_dir()
 
 

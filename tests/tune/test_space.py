@@ -122,6 +122,37 @@ def test_overrides_reach_the_config_and_the_tune_section(tmp_path: Path) -> None
             "tune.capacity = {'GPU': -1} must map resource names to positive numbers",
         ),
         ("", "no `tune:` section"),
+        (
+            "tune:\n  warm_start: {from: c.pt, part: decoder}\n  space:\n    optim.lr: {choice: [0.1]}\n",
+            "tune.warm_start.part = 'decoder' must be model",
+        ),
+        (
+            "tune:\n  warm_start: {part: model}\n  space:\n    optim.lr: {choice: [0.1]}\n",
+            "tune.warm_start.from = None must be a checkpoint path or URI",
+        ),
+        (
+            "tune:\n  warm_start: {from: c.pt, form: x}\n  space:\n    optim.lr: {choice: [0.1]}\n",
+            "tune.warm_start.form is unknown",
+        ),
+        (
+            "tune:\n  warm_start: {from: c.pt, scratch: {schedule.iterations: 9}}\n"
+            "  space:\n    optim.lr: {choice: [0.1]}\n",
+            "tune.warm_start.scratch must be a mapping of config overrides, used only with",
+        ),
+        (
+            "tune:\n  warm_start: {from: c.pt, if_missing: scratch, scratch: {schedule.itr: 9}}\n"
+            "  space:\n    optim.lr: {choice: [0.1]}\n",
+            "unknown config key schedule.itr",
+        ),
+        (
+            "tune:\n  warm_start: {from: c.pt, if_missing: ignore}\n"
+            "  space:\n    optim.lr: {choice: [0.1]}\n",
+            "tune.warm_start.if_missing = 'ignore' must be fail or scratch",
+        ),
+        (
+            "tune:\n  classes: car\n  space:\n    optim.lr: {choice: [0.1]}\n",
+            "tune.classes = 'car' must be a list of class names",
+        ),
     ],
 )
 def test_mistakes_name_the_key(tmp_path: Path, section: str, message: str) -> None:
@@ -143,3 +174,23 @@ def test_config_overrides_are_applied_before_validation(tmp_path: Path) -> None:
         load_search_config(path)
     cfg, _ = load_search_config(path, ["data.root=/other/shards"])
     assert cfg.data.root == "/other/shards"
+
+
+def test_warm_start_reads_a_bare_source_or_a_mapping(tmp_path: Path) -> None:
+    space = "  space:\n    optim.lr: {choice: [0.1]}\n"
+    _, settings = load_search_config(write(tmp_path, "tune:\n  warm_start: c.pt\n" + space))
+    assert (settings.warm_start.source, settings.warm_start.part) == ("c.pt", "model")
+    _, settings = load_search_config(
+        write(
+            tmp_path,
+            "tune:\n  warm_start: {from: 'models:/m@champion', part: encoder, "
+            "if_missing: scratch, scratch: {schedule.iterations: 9000}}\n" + space,
+        )
+    )
+    warm = settings.warm_start
+    assert (warm.source, warm.part, warm.if_missing) == ("models:/m@champion", "encoder", "scratch")
+    assert warm.scratch == {"schedule.iterations": 9000}
+    with pytest.raises(ConfigError, match="both set the weights"):
+        load_search_config(
+            write(tmp_path, "tune:\n  warm_start: c.pt\n" + space), ["model.init_from=d.pt"]
+        )
