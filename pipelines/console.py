@@ -27,7 +27,7 @@ from typing import TextIO
 # "(RayTrainWorker pid=123)", "(pid=123, ip=10.0.0.1)", "(TrainController pid=9) " ...
 RAY_PREFIX = re.compile(r"^(\x1b\[[0-9;]*m)*\((?:[\w.:-]+ )?pid=\d+(?:, ip=[\d.:a-f]+)?\)"
                         r"(\x1b\[[0-9;]*m)* ?")
-PROGRESS = "[segnext] it "
+PROGRESS = ("[segnext] it ", "[segnext tune] trials: ")  # live lines on a terminal
 OWN = "[segnext"
 NOISY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.air", "mlflow")
 

@@ -426,5 +426,7 @@ def _main(args: argparse.Namespace) -> int:
             experiment=args.experiment,
             tracking_uri=args.tracking_uri,
         )
-        print(f"logged to MLflow run {run_id}")
+        uri = resolve_tracking_uri(args.tracking_uri)
+        print(f"logged to MLflow run {run_id} (mlflow ui --backend-store-uri {uri})")
+    print(f"next: segnext predict --model {args.model} --input IMAGES --out runs/predictions")
     return 0

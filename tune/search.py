@@ -210,7 +210,7 @@ def run_search(
             concurrency=concurrency,
             resume=resume,
             retry_failed=retry_failed,
-            callbacks=callbacks or [],
+            callbacks=[search_progress(cfg.schedule.iterations), *(callbacks or [])],
         )
         tuner.fit()
         outcomes = collect_outcomes(path, name=name, iterations=cfg.schedule.iterations)
@@ -449,6 +449,58 @@ def _shutdown_ray() -> None:
         import ray
 
         ray.shutdown()
+
+
+def search_progress(iterations: int):
+    """A `SearchProgress` Tune callback (defined here so that importing this module needs no
+    Ray)."""
+    from ray import tune
+
+    class SearchProgress(tune.Callback):
+        """One status line as trials start, report and end: how many run, finished, were
+        stopped early by the scheduler or failed, and the best score so far (on a terminal
+        the console shows it as a live line, see pipelines.console)."""
+
+        def __init__(self, iterations: int) -> None:
+            self.iterations = iterations
+            self.best: tuple[float, str] | None = None
+            self.last_line = ""
+
+        def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+            score = result.get(SCORE)
+            if score is not None and (self.best is None or score > self.best[0]):
+                self.best = (float(score), trial.trial_id)
+            self._show(trials)
+
+        def on_trial_start(self, iteration, trials, trial, **info) -> None:
+            self._show(trials)
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            self._show(trials)
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            self._show(trials)
+
+        def _show(self, trials) -> None:
+            line = self.line(trials)
+            if line != self.last_line:
+                print(line, flush=True)
+                self.last_line = line
+
+        def line(self, trials) -> str:
+            running = sum(t.status == "RUNNING" for t in trials)
+            failed = sum(t.status == "ERROR" for t in trials)
+            ended = [t for t in trials if t.status == "TERMINATED"]
+            stopped = sum(
+                int((t.last_result or {}).get("iteration", 0)) < self.iterations for t in ended
+            )
+            best = "n/a" if self.best is None else f"{self.best[0]:.4f} ({self.best[1]})"
+            return (
+                f"[segnext tune] trials: {running} running, {len(ended) - stopped} done, "
+                f"{stopped} stopped early, {failed} failed of {len(trials)}; best {SCORE} {best}"
+            )
+
+    return SearchProgress(iterations)
 
 
 def _build_tuner(

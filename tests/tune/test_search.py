@@ -495,3 +495,24 @@ def test_mlflow_holds_parent_nested_runs_and_the_registered_best(search) -> None
     version = client.get_model_version_by_alias(cfg.registry.name, "champion")
     assert str(version.version) == second.registered_version
     assert version.run_id == second.best.mlflow_run_id
+
+
+def test_search_progress_line_counts_trials_and_best() -> None:
+    from types import SimpleNamespace
+
+    from tune.search import search_progress
+
+    def trial(trial_id, status, iteration=0):
+        return SimpleNamespace(trial_id=trial_id, status=status,
+                               last_result={"iteration": iteration})
+
+    progress = search_progress(iterations=100)
+    trials = [trial("a", "RUNNING"), trial("b", "TERMINATED", 100), trial("c", "TERMINATED", 30),
+              trial("d", "ERROR"), trial("e", "PENDING")]
+    progress.on_trial_result(0, trials, trials[0], {"val/mIoU": 0.25})
+    progress.on_trial_result(0, trials, trials[1], {"val/mIoU": 0.5})
+    progress.on_trial_result(0, trials, trials[0], {"val/mIoU": 0.4})
+    assert progress.line(trials) == (
+        "[segnext tune] trials: 1 running, 1 done, 1 stopped early, 1 failed of 5; "
+        "best val/mIoU 0.5000 (b)"
+    )
