@@ -7,6 +7,10 @@ and is predicted as one class; this module scales such images instead, and says 
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from typing import Any
+
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -48,3 +52,24 @@ def picture_to_rgb(picture: Image.Image, where: str) -> tuple[np.ndarray, str | 
     if picture.mode == "P" and "transparency" in picture.info:
         picture = picture.convert("RGBA")  # Pillow's advice for palette transparency
     return np.asarray(picture.convert("RGB")), None
+
+
+def check_rgb(image: Any, index: int) -> np.ndarray:
+    """`image` if it is a uint8 (H, W, 3) array, else an error naming its position."""
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
+        kind = getattr(image, "dtype", type(image).__name__)
+        raise TypeError(f"image {index}: expected a uint8 numpy array, got {kind}")
+    if image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
+        raise ValueError(f"image {index}: expected RGB (H, W, 3), got shape {image.shape}")
+    return image
+
+
+def same_size_batches(images: Sequence[np.ndarray], batch_size: int) -> Iterator[list[int]]:
+    """Indices of `images` in batches of at most `batch_size` images of one size (checked
+    with `check_rgb`): what the PyTorch and the ONNX segmenters stack into one forward."""
+    by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for index, image in enumerate(images):
+        by_size[check_rgb(image, index).shape[:2]].append(index)
+    for indices in by_size.values():
+        for start in range(0, len(indices), batch_size):
+            yield indices[start : start + batch_size]

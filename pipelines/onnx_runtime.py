@@ -16,7 +16,6 @@ takes only that size, so every image then goes through sliding windows of exactl
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 import onnxruntime as ort
 
 from data.transforms import rescaled_size  # numpy + PIL only
+from pipelines.images import same_size_batches  # numpy + PIL only
 
 METADATA_KEY = "segnext"  # ONNX metadata_props key holding the JSON below
 FORMAT = "segnext-onnx/1"
@@ -141,17 +141,11 @@ class OnnxSegmenter:
 
         Images of the same size are batched together, up to `settings.batch_size`.
         """
-        by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for index, image in enumerate(images):
-            by_size[_check_image(image, index).shape[:2]].append(index)
         masks: list[np.ndarray | None] = [None] * len(images)
-        step = self.settings.batch_size
-        for indices in by_size.values():
-            for start in range(0, len(indices), step):
-                chunk = indices[start : start + step]
-                scores = self.scores(np.stack([images[i] for i in chunk]))
-                for index, score in zip(chunk, scores, strict=True):
-                    masks[index] = score.argmax(axis=0).astype(self.mask_dtype)
+        for chunk in same_size_batches(images, self.settings.batch_size):
+            scores = self.scores(np.stack([images[i] for i in chunk]))
+            for index, score in zip(chunk, scores, strict=True):
+                masks[index] = score.argmax(axis=0).astype(self.mask_dtype)
         return masks  # type: ignore[return-value]
 
     def scores(self, images: np.ndarray) -> np.ndarray:
@@ -254,15 +248,6 @@ def _apply_overrides(
     if batch_size:
         changes["batch_size"] = int(batch_size)
     return replace(settings, **changes)
-
-
-def _check_image(image: Any, index: int) -> np.ndarray:
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
-        kind = getattr(image, "dtype", type(image).__name__)
-        raise TypeError(f"image {index}: expected a uint8 numpy array, got {kind}")
-    if image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
-        raise ValueError(f"image {index}: expected RGB (H, W, 3), got shape {image.shape}")
-    return image
 
 
 # ------------------------------------------------------------------------------------ files

@@ -38,7 +38,6 @@ import logging
 import os
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -60,7 +59,7 @@ from PIL import Image
 
 from data.transforms import rescaled_size
 from pipelines.checkpoint import load_checkpoint, model_from_checkpoint
-from pipelines.images import picture_to_rgb
+from pipelines.images import picture_to_rgb, same_size_batches
 from pipelines.threads import set_torch_threads
 from segnext.inference import predict_logits
 
@@ -175,17 +174,11 @@ class Segmenter:
 
         Images of the same size are batched together, up to `settings.batch_size`.
         """
-        by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for index, image in enumerate(images):
-            by_size[_check_image(image, index).shape[:2]].append(index)
         masks: list[np.ndarray | None] = [None] * len(images)
-        step = self.settings.batch_size
-        for indices in by_size.values():
-            for start in range(0, len(indices), step):
-                chunk = indices[start : start + step]
-                batch = np.stack([images[i] for i in chunk])
-                for index, mask in zip(chunk, self._predict_batch(batch), strict=True):
-                    masks[index] = mask
+        for chunk in same_size_batches(images, self.settings.batch_size):
+            batch = np.stack([images[i] for i in chunk])
+            for index, mask in zip(chunk, self._predict_batch(batch), strict=True):
+                masks[index] = mask
         return masks  # type: ignore[return-value]
 
     @torch.inference_mode()
@@ -216,15 +209,6 @@ class Segmenter:
                 logits.float(), size=(height, width), mode="bilinear", align_corners=False
             )
         return logits.argmax(dim=1).cpu().numpy().astype(self.mask_dtype)
-
-
-def _check_image(image: Any, index: int) -> np.ndarray:
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
-        kind = getattr(image, "dtype", type(image).__name__)
-        raise TypeError(f"image {index}: expected a uint8 numpy array, got {kind}")
-    if image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
-        raise ValueError(f"image {index}: expected RGB (H, W, 3), got shape {image.shape}")
-    return image
 
 
 # ------------------------------------------------------------------- loading a model reference

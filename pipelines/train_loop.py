@@ -132,8 +132,7 @@ def _restore(core, optimizer, scheduler, state: LoopState) -> bool:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return False
-    with checkpoint.as_directory() as folder:
-        payload = load_checkpoint(folder, map_location="cpu")
+    payload = _read_checkpoint(checkpoint)
     core.load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
@@ -141,6 +140,22 @@ def _restore(core, optimizer, scheduler, state: LoopState) -> bool:
     state.epoch = int(payload["epoch"])
     state.last_val = dict(payload.get("metrics", {}))
     return True
+
+
+def _read_checkpoint(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
+    """The payload of a Ray checkpoint, local or in object storage.
+
+    A remote checkpoint is downloaded into a folder of this worker's own: with
+    `as_directory()` the workers of one node share one temporary download folder, and a rank
+    could read `checkpoint.pt` while another was still writing it (seen on S3: "truncated")."""
+    from pyarrow import fs as pafs
+
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        with checkpoint.as_directory() as folder:
+            return load_checkpoint(folder, map_location="cpu")
+    with tempfile.TemporaryDirectory(prefix="segnext-restore-") as folder:
+        checkpoint.to_directory(folder)
+        return load_checkpoint(folder, map_location="cpu")
 
 
 def _move_optimizer_state(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
