@@ -7,7 +7,7 @@ untouched mask. So the validation mIoU that picks `best` and `@champion` during 
 number `segnext eval` prints for that checkpoint and split, to float rounding.
 
 Samples are read straight from the shards (local, `s3://`, `gs://`) through the manifest's
-pyarrow filesystem with webdataset's tar expander; `rank`/`world` give each training worker
+pyarrow filesystem with the project's one tar reader (`data.shards.iter_tar_samples`); `rank`/`world` give each training worker
 every `world`-th sample, so the workers' matrices sum to the split's matrix exactly once.
 """
 
@@ -61,7 +61,7 @@ def iter_raw_samples(
     Shards are checked against the manifest first (missing or truncated: named error, or
     skipped and counted in `skipped`); a tar that fails or ends early while read is the same.
     """
-    from webdataset.tariterators import group_by_keys, tar_file_expander
+    from data.shards import iter_tar_samples, tar_error_text
 
     members = (f"image.{manifest.image_format}", "mask.png")
     record = None
@@ -73,14 +73,13 @@ def iter_raw_samples(
         seen = 0
         try:
             with filesystem.open_input_stream(shard.path) as stream:
-                files = tar_file_expander([{"url": shard.url, "stream": stream}])
-                for sample in group_by_keys(files):
+                for sample in iter_tar_samples(stream, shard.url):
                     seen += 1
                     if index % world == rank:
                         yield {m: sample.get(m) for m in members}, shard.url, str(sample["__key__"])
                     index += 1
-        except (tarfile.TarError, OSError) as error:
-            problem = f"is unreadable after {seen} samples ({error})"
+        except (tarfile.TarError, OSError, ValueError) as error:
+            problem = f"is unreadable after {seen} samples ({tar_error_text(error)})"
         else:
             if seen == shard.num_samples:
                 continue
