@@ -111,14 +111,9 @@ def head_config(args: argparse.Namespace, head: str, shards: Path, out: Path):
 
     iterations = args.iterations
     base = load_config(args.config, [f"data.root={shards}", *args.set])
-    from data.shards import load_manifest
-
-    train_samples = sum(load_manifest(str(shards)).num_samples(s) for s in base.data.train_splits)
-    epochs = math.ceil(iterations * base.train.global_batch_size / max(train_samples, 1))
     overrides = [
         f"model.classifier={head}",
         f"data.root={shards}",
-        f"data.stream_epochs={max(epochs, 1)}",
         f"schedule.iterations={iterations}",
         f"schedule.warmup_iters={iterations // 20}",
         f"train.seed={args.seed}",
@@ -190,12 +185,13 @@ def diagnose(checkpoint: str, shards: Path, cfg) -> dict[str, float]:
 
     For both heads: top-k recall of the scores the head ranks classes by (softmax logits /
     the integrated head's general logits). For the integrated head also: pixel accuracy of the
-    general classifier alone and of the final (integrated) decision, and the final decision's
-    accuracy on pixels whose true class is among the candidates (the refinement's own job).
+    general classifier alone, of the refinement alone (argmax of r over the head's top-k
+    candidates) and of the final (integrated) decision, and the final decision's accuracy on
+    pixels whose true class is among the candidates (the refinement's own job).
     """
     from data.loader import build_torch_loader
     from pipelines.checkpoint import load_checkpoint, model_from_checkpoint
-    from segnext.classifier import candidate_mask
+    from segnext.classifier import MASKED_LOGIT, candidate_mask
     from segnext.metrics import ConfusionMatrix
 
     model = model_from_checkpoint(load_checkpoint(checkpoint))
@@ -212,7 +208,7 @@ def diagnose(checkpoint: str, shards: Path, cfg) -> dict[str, float]:
         drop_last=False,
     )
     k = model.num_classes
-    general_cm, final_cm = ConfusionMatrix(k), ConfusionMatrix(k)
+    general_cm, refine_cm, final_cm = ConfusionMatrix(k), ConfusionMatrix(k), ConfusionMatrix(k)
     counts = {"valid": 0, "in_top_k": 0, "final_right_in_top_k": 0}
     for batch in loader:
         images, masks = batch["images"], batch["masks"]
@@ -224,6 +220,13 @@ def diagnose(checkpoint: str, shards: Path, cfg) -> dict[str, float]:
             ranking = F.interpolate(
                 outputs["general_logits"], size=size, mode="bilinear", align_corners=False
             )
+            refine = F.interpolate(
+                outputs["refine_logits"], size=size, mode="bilinear", align_corners=False
+            )
+            candidates = candidate_mask(ranking, head.top_k)
+            if candidates is not None:
+                refine = refine.masked_fill(~candidates, MASKED_LOGIT)
+            refine_cm.update(refine.argmax(1), masks)
         valid = masks != 255
         target = masks.masked_fill(~valid, 0)
         hit = candidate_mask(ranking, TOP_K).gather(1, target.unsqueeze(1)).squeeze(1) & valid
@@ -240,7 +243,13 @@ def diagnose(checkpoint: str, shards: Path, cfg) -> dict[str, float]:
         "final_aAcc_train_res": final["aAcc"],
     }
     if integrated:
-        result.update({"general_aAcc": general["aAcc"], "general_mIoU": general["mIoU"]})
+        refine = refine_cm.compute()
+        result.update({
+            "general_aAcc": general["aAcc"],
+            "general_mIoU": general["mIoU"],
+            "refine_aAcc": refine["aAcc"],
+            "refine_mIoU": refine["mIoU"],
+        })
     return result
 
 
@@ -323,15 +332,9 @@ def markdown(results: dict[str, dict], names: list[str], changes: list[dict]) ->
     )
     if "integrated" in results:
         diag = results["integrated"]["diag"]
-        row(
-            "general classifier alone: aAcc / mIoU",
-            [
-                "-"
-                if h != "integrated"
-                else f"{100 * diag['general_aAcc']:.2f} / {100 * diag['general_mIoU']:.2f}"
-                for h in heads
-            ],
-        )
+        for label, part in (("general classifier", "general"), ("refinement", "refine")):
+            both = f"{100 * diag[f'{part}_aAcc']:.2f} / {100 * diag[f'{part}_mIoU']:.2f}"
+            row(f"{label} alone: aAcc / mIoU", ["-" if h != "integrated" else both for h in heads])
     lines += [
         "",
         "Most confused pairs (share of the true class's pixels predicted as the other):",
@@ -353,7 +356,7 @@ def markdown(results: dict[str, dict], names: list[str], changes: list[dict]) ->
 def log_comparison(client, parent_run_id: str, results: dict, names: list[str], text: str) -> None:
     from mlflow.entities import Metric
 
-    from pipelines.tracking import metric_name
+    from pipelines.metric_names import metric_name
 
     metrics = []
     for head, result in results.items():

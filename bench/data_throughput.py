@@ -124,21 +124,18 @@ def run_torch(root: str, recipe: dict, args: argparse.Namespace) -> dict[str, fl
     return measure(batches, exclude=child_pids())  # not the Ray processes started earlier
 
 
-def run_ray(root: str, recipe: dict, args: argparse.Namespace, *, stream: bool) -> dict:
-    """stream: one dataset of `epochs` chained passes; else one pass per epoch (restarts)."""
-    from data.stream import build_dataset, iter_batches
+def run_ray(root: str, recipe: dict, args: argparse.Namespace) -> dict:
+    """The training stream of one worker (world 1): `epochs` epochs of the batch plan."""
+    from data.stream import build_train_stream
 
     def batches() -> Iterable[dict]:
-        dataset = build_dataset(
-            root,
-            "train",
-            train=True,
-            epochs=args.epochs if stream else 1,
-            read_cpus=args.read_cpus,
-            **recipe,
-        )
-        for _ in range(1 if stream else args.epochs):
-            yield from iter_batches(dataset, args.batch_size, prefetch_batches=args.prefetch)
+        stream = build_train_stream(root, "train", global_batch_size=args.batch_size,
+                                    micro_batch_size=args.batch_size, read_cpus=args.read_cpus,
+                                    **recipe)
+        steps = stream.plan.steps_per_epoch * args.epochs
+        for _, batch in stream.micro_batches(world=1, rank=0, start=0, stop=steps,
+                                             prefetch_batches=args.prefetch):
+            yield batch
 
     return measure(batches)
 
@@ -187,11 +184,10 @@ def main() -> None:
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     ray_init_s = time.perf_counter() - start
     configure_data_context()
-    results: dict[str, list[dict]] = {"torch": [], "stream": [], "restart": []}
+    results: dict[str, list[dict]] = {"torch": [], "stream": []}
     for round_index in range(args.rounds):
         results["torch"].append(run_torch(root, recipe, args))
-        results["stream"].append(run_ray(root, recipe, args, stream=True))
-        results["restart"].append(run_ray(root, recipe, args, stream=False))
+        results["stream"].append(run_ray(root, recipe, args))
         print(f"round {round_index + 1}/{args.rounds} done", flush=True)
     ray.shutdown()
 
@@ -208,18 +204,16 @@ def main() -> None:
     )
     print(f"{'transform alone, 1 process':<32} {ceiling:>57.1f} {'':>9} {1000 / ceiling:>8.1f}")
     print(summary(f"torch DataLoader, {args.cpus} workers", results["torch"], args.cpus))
-    print(summary("Ray Data, epochs in one stream", results["stream"], args.cpus))
-    print(summary("Ray Data, one pass per epoch", results["restart"], args.cpus))
+    print(summary("Ray Data, batch plan stream", results["stream"], args.cpus))
     print(
         "start1: first round (Ray: cold worker processes), start: later rounds, both to the "
         "first batch; CPU-ms: per sample after the first batch, all processes; CPU-ms+st: "
         f"with start-up; /s/core = 1000 / CPU-ms. ray.init took {ray_init_s:.1f} s."
     )
     torch_ms = median(results["torch"], "cpu_ms")
-    for name in ("stream", "restart"):
-        ratio = torch_ms / median(results[name], "cpu_ms")
-        wall = median(results[name], "steady_sps") / median(results["torch"], "steady_sps")
-        print(f"Ray ({name}) / torch: {ratio:.2f}x samples/s per CPU core, {wall:.2f}x wall")
+    ratio = torch_ms / median(results["stream"], "cpu_ms")
+    wall = median(results["stream"], "steady_sps") / median(results["torch"], "steady_sps")
+    print(f"Ray / torch: {ratio:.2f}x samples/s per CPU core, {wall:.2f}x wall")
     overhead = median(results["stream"], "cpu_ms") / ceiling
     cores = args.gpu_rate * ceiling_512 * overhead / 1000
     print(

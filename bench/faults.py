@@ -216,8 +216,7 @@ def scenario_shard_corrupt(out: Path, clean: Path, on_error: str) -> dict:
     shutil.copytree(clean, shards)
     log = out / f"{name}.log"
     config = write_config(out, name, shards=shards, on_error=on_error)
-    process = start(["train", "--config", str(config), f"run.name={name}",
-                     "data.stream_epochs=1"], log)
+    process = start(["train", "--config", str(config), f"run.name={name}"], log)
     wait_for(lambda: first_checkpoint(out, name).exists(), what="the first checkpoint")
     shard = corrupt_shard(shards)
     code = finish(process)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from pipelines.train_step import train_step
 from segnext import build_criterion, create_model
 from segnext.fast import apply_fast_path, fused_strips_available
 
@@ -115,12 +116,10 @@ def train_speed(variant: str, mode: Mode, args: argparse.Namespace) -> dict[str,
     criterion = build_criterion("standard")
     images, masks = batch(args.size, args.batch, device, mode)
 
+    batches = [{"images": images, "masks": masks}]
+
     def step() -> None:
-        with autocast(mode, device):
-            loss, _ = criterion(step_model(images), masks)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        train_step(step_model, batches, criterion, optimizer, autocast=autocast(mode, device))
 
     timer = Timer(device)
     timer(step, args.warmup)

@@ -44,7 +44,6 @@ def base_overrides(args: argparse.Namespace, root: Path) -> list[str]:
         f"data.root={root / 'shards'}",
         f"data.crop_size=[{args.crop}, {args.crop}]",
         "data.ratio_range=[0.75, 1.5]",
-        f"data.stream_epochs={args.stream_epochs}",
         f"schedule.iterations={args.iterations}",
         "schedule.warmup_iters=1",
         f"train.global_batch_size={args.batch}",
@@ -63,6 +62,7 @@ def run_memory(args: argparse.Namespace, cfg, threads: int) -> dict[str, float]:
     """The model alone: random batches of in-RAM tensors, one process, `threads` threads."""
     from pipelines.optim import build_optimizer
     from pipelines.train_loop import build_model
+    from pipelines.train_step import train_step
     from segnext import build_criterion
 
     torch.set_num_threads(threads)
@@ -82,13 +82,9 @@ def run_memory(args: argparse.Namespace, cfg, threads: int) -> dict[str, float]:
         if step == args.log_every:  # same warm-up exclusion as the Ray runs
             meter.start()
             wall_start = time.perf_counter()
-        begin = time.perf_counter()
         index = torch.randint(0, args.samples, (args.batch,))
-        loss, _ = criterion(model(x[index]), y[index])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        step_times.append(time.perf_counter() - begin)
+        result = train_step(model, [{"images": x[index], "masks": y[index]}], criterion, optimizer)
+        step_times.append(result.seconds)
     images = args.batch * (args.iterations - args.log_every)
     return {
         "images_per_s": images / (time.perf_counter() - wall_start),
@@ -146,7 +142,6 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=40)
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--samples", type=int, default=256, help="synthetic train images")
-    parser.add_argument("--stream-epochs", type=int, default=4)
     args = parser.parse_args()
 
     import ray

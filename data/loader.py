@@ -95,7 +95,7 @@ def build_torch_loader(
     drop_last: bool = True,
     device: torch.device | str = "cpu",
 ) -> TorchLoader:
-    """Plain webdataset + torch DataLoader with the same samples as `data.stream.build_dataset`
+    """Plain webdataset + torch DataLoader with the same samples as `data.stream.TrainStream`
     (same transforms, same per-sample seeds); `epochs` passes per iteration."""
     manifest = load_manifest(root)
     pipeline = build_pipeline(

@@ -1,48 +1,42 @@
-"""Ray Data stream of augmented, fixed-size uint8 samples from webdataset shards.
+"""The Ray Data stream of each training worker: its share of the global batch plan, in order.
 
-One Ray task per shard reads the tar (read_webdataset's datasource, raw bytes) and decodes +
-transforms its samples in `map_batches` with the same CPU request and no batch size, so Ray
-fuses both into one operator: raw bytes never go through the object store, only uint8 crops do
-(4x fewer bytes than float). Normalisation happens in `iter_batches`, on the training device.
+`data.plan` decides which samples make each micro-batch and which worker takes it; this module
+turns a worker's share into a Ray Dataset whose blocks are its micro-batches, in plan order
+(`preserve_order`): one Ray task per micro-batch reads the samples' byte ranges from the tar
+shards (`data.sample_index`), decodes, checks and augments them (`data.samples`), and returns
+uint8 crops, so raw bytes never go through the object store, only crops do (4x fewer bytes
+than float). Normalisation happens on the training device.
 
-Per-sample augmentation is seeded by (seed, epoch, key) (`data.samples.SamplePipeline`); the
-epoch is Ray Data's execution index, so every pass over the dataset (an epoch in Ray Train)
-draws fresh augmentations and a fresh shard order. `epochs=N` chains N passes into one stream,
-so a small dataset does not pay Ray Data's start-up once per epoch.
+Each worker streams its own dataset rather than a `streaming_split` of one: Ray Data hands
+blocks of a split to whichever consumer asks first, which no plan can survive. Here the global
+batch sequence is a function of seed and epoch only, so a restored or resized run continues with
+exactly the batches it would have seen.
 
-Errors never pass silently: shard sizes are checked against the manifest before anything runs;
-at read time a damaged tar or a shard shorter than its manifest count raises `SampleReadError`
-naming the shard, and a member that does not decode names shard and key. With
-`on_error="skip"` they are left out and counted in a named Ray actor: `skipped_samples(root,
-split)` reads the count.
+Errors never pass silently: shards are checked and indexed by the driver before any worker
+starts; at read time a member that does not decode names shard and key. With `on_error="skip"`
+such samples are left out and counted in a named Ray actor: `skipped_samples(root, split)`.
 
-This module does not import torch (only `iter_batches` uses it, through data.transforms): the
-Ray Data worker processes that unpickle `PrepareBatch` then skip torch's ~1.5 CPU-s import.
+The read tasks do not import torch (only `TrainStream.micro_batches` does, in the worker).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import tarfile
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+import pyarrow as pa
 import ray
 from pyarrow import fs as pafs
-from ray.data import (
-    DataContext,
-    Dataset,
-    ExecutionResources,
-    FileShuffleConfig,
-    TaskPoolStrategy,
-)
-from ray.data._internal.datasource.webdataset_datasource import WebDatasetDatasource
+from ray.data import DataContext, Dataset, ExecutionResources, TaskPoolStrategy
 
+from data.plan import BatchPlan
+from data.sample_index import SampleIndex, split_label
 from data.samples import FIX_HINT, SamplePipeline, SampleReadError, build_pipeline
-from data.shards import Manifest, join_root, load_manifest, resolve_filesystem
+from data.shards import load_manifest
 from data.transforms import to_training_batch
 
 if TYPE_CHECKING:
@@ -51,8 +45,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 OnError = Literal["raise", "skip"]
-Verify = Literal["size", "sha256", "none"]
 MAX_SKIP_EXAMPLES = 100
+CHUNK_ROWS = 20_000  # planned rows per Ray Dataset (a long run chains several)
 
 
 def configure_data_context(
@@ -94,11 +88,6 @@ class SkipTally:
 SkipLedger = ray.remote(num_cpus=0)(SkipTally)
 
 
-def split_label(split: str | Sequence[str]) -> str:
-    """One name for one split or several read as one ("train+val")."""
-    return split if isinstance(split, str) else "+".join(split)
-
-
 def _record_to(ledger: object | None) -> Callable[[list[dict]], None] | None:
     """The record callback of a SkipLedger actor handle (waits: counts must be complete)."""
     if ledger is None:
@@ -120,237 +109,209 @@ def skipped_samples(root: str, split: str | Sequence[str]) -> dict:
     return ray.get(ledger.report.remote())
 
 
-def _shard_problem(filesystem: pafs.FileSystem, path: str, expected: dict, verify: Verify) -> str:
-    """Why the shard at `path` does not match its manifest entry ("" when it does)."""
-    info = filesystem.get_file_info(path)
-    if info.type != pafs.FileType.File:
-        return "missing"
-    if info.size != expected["bytes"]:
-        return f"{info.size} bytes, manifest says {expected['bytes']} (truncated or rewritten)"
-    if verify == "sha256":
-        digest = hashlib.sha256()
-        with filesystem.open_input_stream(path) as stream:
-            while chunk := stream.read(1 << 24):
-                digest.update(chunk)
-        if digest.hexdigest() != expected["sha256"]:
-            return "sha256 differs from the manifest (corrupt or rewritten)"
-    return ""
-
-
 @dataclass(frozen=True)
-class ShardFile:
-    """One shard of a split as readers open it."""
+class ReadPlanned:
+    """map_batches function: planned rows (sample references) -> decoded, augmented samples.
 
-    path: str  # inside `filesystem` (no scheme)
-    url: str  # what errors name: a local path or the full URI
-    num_samples: int
-
-
-def checked_shards(
-    manifest: Manifest,
-    split: str | Sequence[str],
-    *,
-    verify: Verify = "size",
-    record: Callable[[list[dict]], None] | None = None,
-) -> tuple[list[ShardFile], pafs.FileSystem]:
-    """(shards, filesystem) of `split` (one split or several, in order) whose files match the
-    manifest (size, or sha256 too). A mismatch raises `SampleReadError` naming the shard, or,
-    with a `record` callback (skip mode), drops the shard and records its samples there."""
-    filesystem, base = resolve_filesystem(manifest.root)
-    splits = [split] if isinstance(split, str) else list(split)
-    good = []
-    for name in splits:
-        for entry in manifest.split(name)["shards"]:
-            path = f"{base}/{entry['path']}"
-            url = join_root(manifest.root, entry["path"])
-            problem = "" if verify == "none" else _shard_problem(filesystem, path, entry, verify)
-            if not problem:
-                good.append(ShardFile(path, url, int(entry["num_samples"])))
-                continue
-            if record is None:
-                raise SampleReadError(f"{url}: shard {problem}; {FIX_HINT}")
-            logger.warning("skipping shard %s (%s, %d samples)", url, problem,
-                           entry["num_samples"])
-            record([{"shard": url, "key": "*", "reason": problem,
-                     "samples": entry["num_samples"]}])
-    if not good:
-        raise SampleReadError(
-            f"{manifest.root}: no readable shard left in split '{split_label(split)}'"
-        )
-    return good, filesystem
-
-
-class CheckedWebDataset(WebDatasetDatasource):
-    """`read_webdataset`'s datasource (Ray 2.60 keeps it internal) plus two checks per shard:
-    a damaged tar raises naming the shard instead of a bare `ReadError`, and a shard that
-    yields fewer samples than its manifest entry fails (tarfile's stream mode takes a corrupt
-    header for the end of the archive and would silently drop the rest). With a ledger
-    (skip mode) the samples kept so far stay and the missing ones are counted."""
-
-    def __init__(self, shards: list[ShardFile], *, ledger: object | None, **kwargs) -> None:
-        super().__init__([shard.path for shard in shards], **kwargs)
-        self.counts = {shard.path: shard.num_samples for shard in shards}
-        self.ledger = ledger
-
-    def _read_stream(self, stream: object, path: str) -> Iterator[object]:
-        expected, seen = self.counts[path], 0
-        try:
-            for block in super()._read_stream(stream, path):
-                seen += len(block)
-                yield block
-        except tarfile.TarError as error:
-            problem = f"is unreadable after {seen} samples ({error})"
-        else:
-            if seen == expected:
-                return
-            problem = f"holds {seen} samples, manifest says {expected} (damaged tar header?)"
-        if self.ledger is None:
-            raise SampleReadError(f"{path}: shard {problem}; {FIX_HINT}")
-        logger.warning("skipping the rest of shard %s: %s", path, problem)
-        entry = {"shard": path, "key": "*", "reason": problem, "samples": expected - seen}
-        _record_to(self.ledger)([entry])
-
-
-@dataclass(frozen=True)
-class PrepareBatch:
-    """map_batches function: raw webdataset rows -> stacked fixed-size uint8 samples."""
+    Each row names a shard and the byte ranges of one sample's members (`data.sample_index`);
+    the bytes are read with one ranged read each, so raw bytes never reach the object store,
+    only the uint8 crops and the micro-batch number they belong to."""
 
     pipeline: SamplePipeline
-    epochs: int = 1
-    repeat: int = 0
+    filesystem: pafs.FileSystem
     ledger: object | None = None  # SkipLedger handle when on_error="skip"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        # Ray Data counts executions of a dataset; each one (an epoch) reseeds the augmentation.
-        epoch = DataContext.get_current()._execution_idx * self.epochs + self.repeat
-        members = [name for name in batch if not name.startswith("__")]
-        rows, skipped = [], []
-        for index, key in enumerate(batch["__key__"]):
-            url, key = str(batch["__url__"][index]), str(key)
-            sample = {name: batch[name][index] for name in members}
-            try:
-                rows.append(self.pipeline(sample, shard=url, key=key, epoch=epoch))
-            except SampleReadError as error:
-                if self.ledger is None:
-                    raise
-                logger.warning("skipping: %s", error)
-                skipped.append({"shard": url, "key": key, "reason": str(error), "samples": 1})
-        if skipped:  # wait: the count must be complete when the pass ends
+        rows, micro, skipped = [], [], []
+        files: dict[str, object] = {}
+        try:
+            for index, key in enumerate(batch["key"]):
+                url, key = str(batch["url"][index]), str(key)
+                try:
+                    sample = self._read(files, batch, index, url, key)
+                    rows.append(self.pipeline(sample, shard=url, key=key,
+                                              epoch=int(batch["epoch"][index])))
+                    micro.append(int(batch["micro"][index]))
+                except SampleReadError as error:
+                    if self.ledger is None:
+                        raise
+                    logger.warning("skipping: %s", error)
+                    skipped.append({"shard": url, "key": key, "reason": str(error), "samples": 1})
+        finally:
+            for handle in files.values():
+                handle.close()
+        if skipped:  # wait: the count must be complete when the run reads it
             _record_to(self.ledger)(skipped)
-        return self._stack(rows)
+        return self._stack(rows, micro)
 
-    def _stack(self, rows: list[dict]) -> dict[str, np.ndarray]:
+    def _read(self, files: dict, batch: dict, index: int, url: str, key: str) -> dict[str, bytes]:
+        path = str(batch["shard"][index])
+        try:
+            handle = files.get(path) or files.setdefault(path, self.filesystem.open_input_file(path))
+            sample = {}
+            for member, at, size in ((self.pipeline.image_member, "image_at", "image_bytes"),
+                                     ("mask.png", "mask_at", "mask_bytes")):
+                size_ = int(batch[size][index])
+                data = handle.read_at(size_, int(batch[at][index]))
+                if len(data) != size_:
+                    raise OSError(f"{member} is cut short ({len(data)} of {size_} bytes)")
+                sample[member] = data
+        except OSError as error:
+            raise SampleReadError(f"{url}: sample '{key}' cannot be read ({error}); {FIX_HINT}") from error
+        return sample
+
+    def _stack(self, rows: list[dict], micro: list[int]) -> dict[str, np.ndarray]:
         height, width = self.pipeline.output_size
         out = {
             "image": np.empty((len(rows), height, width, 3), dtype=np.uint8),
             "mask": np.empty((len(rows), height, width), dtype=np.uint8),
+            "micro": np.asarray(micro, dtype=np.int64),
         }
         for index, row in enumerate(rows):
             out["image"][index], out["mask"][index] = row["image"], row["mask"]
-        if not self.pipeline.train:
-            for name in ("height", "width"):
-                out[name] = np.array([row[name] for row in rows], dtype=np.int32)
         return out
 
 
-def build_dataset(
+@dataclass(frozen=True)
+class TrainStream:
+    """Everything a worker needs to stream its share of the batch plan: picklable, built once
+    by the driver (the index is checked there, before any worker starts)."""
+
+    index: SampleIndex
+    filesystem: pafs.FileSystem
+    pipeline: SamplePipeline
+    plan: BatchPlan
+    root: str
+    splits: tuple[str, ...]
+    on_error: OnError = "raise"
+    read_cpus: float = 0.25
+    concurrency: int | None = None
+    rows_per_dataset: int = CHUNK_ROWS
+
+    def dataset(self, *, world: int, rank: int, start: int, stop: int) -> Dataset:
+        """The Ray Dataset of this worker's micro-batches for steps [start, stop), in plan order:
+        one block (one read+transform task) per micro-batch."""
+        plan = self.plan
+        samples, epochs, micros = [], [], []
+        for iteration in range(start, stop):
+            epoch = plan.position(iteration).epoch
+            for micro in plan.worker_micro_batches(world, rank):
+                chosen = plan.micro_batch(iteration, micro)
+                samples.append(chosen)
+                epochs.append(np.full(len(chosen), epoch, dtype=np.int64))
+                micros.append(np.full(len(chosen), iteration * plan.micro_per_step + micro,
+                                      dtype=np.int64))
+        columns = self.index.rows(np.concatenate(samples))
+        columns["epoch"], columns["micro"] = np.concatenate(epochs), np.concatenate(micros)
+        table = pa.table({name: pa.array(list(values) if values.dtype == object else values)
+                          for name, values in columns.items()})
+        size = plan.micro_batch_size
+        blocks = [table.slice(offset, size) for offset in range(0, table.num_rows, size)]
+        ledger = None
+        if self.on_error == "skip":
+            ledger = SkipLedger.options(name=_ledger_name(self.root, list(self.splits)),
+                                        get_if_exists=True).remote()
+        source = ray.data.from_arrow(blocks)
+        source.context.execution_options.preserve_order = True  # plan order is the contract
+        source.context.raise_original_map_exception = True  # SampleReadError names shard + key
+        source.context.enable_progress_bars = False
+        return source.map_batches(
+            ReadPlanned(self.pipeline, self.filesystem, ledger),
+            batch_size=None,  # one block = one micro-batch = one task
+            batch_format="numpy",
+            num_cpus=self.read_cpus,
+            compute=TaskPoolStrategy(size=self.concurrency),
+        )
+
+    def micro_batches(
+        self, *, world: int, rank: int, start: int, stop: int, device: torch.device | str = "cpu",
+        prefetch_batches: int = 2,
+    ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """(micro-batch number, normalised batch on `device`) for steps [start, stop), in plan
+        order; datasets of `rows_per_dataset` rows are chained so a long run does not hold its
+        whole plan at once. A micro-batch whose samples were all skipped raises."""
+        import torch
+
+        per_step = self.plan.accumulation(world) * self.plan.micro_batch_size
+        span = max(1, self.rows_per_dataset // per_step)
+        expected = iter(m for it in range(start, stop) for m in (
+            it * self.plan.micro_per_step + micro
+            for micro in self.plan.worker_micro_batches(world, rank)))
+        for first in range(start, stop, span):
+            dataset = self.dataset(world=world, rank=rank, start=first, stop=min(first + span, stop))
+            blocks = dataset.iter_batches(batch_size=None, batch_format="numpy",
+                                          prefetch_batches=prefetch_batches)
+            for micro, group in regroup_by_micro(blocks):
+                wanted = next(expected)
+                if micro != wanted:
+                    raise SampleReadError(
+                        f"{self.root}: every sample of micro-batch {wanted} (step "
+                        f"{wanted // self.plan.micro_per_step}) was skipped as unreadable; "
+                        f"{FIX_HINT}"
+                    )
+                with warnings.catch_warnings():  # Ray's blocks are read-only; never written to
+                    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                    uint8 = {name: torch.from_numpy(group[name]) for name in ("image", "mask")}
+                yield micro, to_training_batch(uint8, device)
+
+
+def regroup_by_micro(blocks: Iterator[dict[str, np.ndarray]]) -> Iterator[tuple[int, dict]]:
+    """Whole micro-batches from a stream of blocks, whatever Ray did to block boundaries
+    (blocks may arrive merged or split; rows are in plan order)."""
+    pending: list[dict[str, np.ndarray]] = []
+    current = None
+    for block in blocks:
+        ids = block["micro"]
+        if not len(ids):
+            continue
+        cuts = np.flatnonzero(np.diff(ids)) + 1
+        for piece_start, piece_end in zip([0, *cuts], [*cuts, len(ids)], strict=True):
+            micro = int(ids[piece_start])
+            piece = {name: block[name][piece_start:piece_end] for name in ("image", "mask")}
+            if current is not None and micro != current:
+                yield current, _concat(pending)
+                pending = []
+            current = micro
+            pending.append(piece)
+    if current is not None:
+        yield current, _concat(pending)
+
+
+def _concat(pieces: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    if len(pieces) == 1:
+        return pieces[0]
+    return {name: np.concatenate([piece[name] for piece in pieces]) for name in pieces[0]}
+
+
+def build_train_stream(
     root: str,
-    split: str | Sequence[str],
+    splits: str | Sequence[str],
     *,
-    train: bool,
     crop_size: tuple[int, int],
+    global_batch_size: int,
+    micro_batch_size: int,
     scale: tuple[int, int] | None = None,
     ratio_range: tuple[float, float] = (0.5, 2.0),
     cat_max_ratio: float = 0.75,
     seed: int = 0,
-    epochs: int = 1,
     on_error: OnError = "raise",
-    verify: Verify = "size",
     read_cpus: float = 0.25,
     concurrency: int | None = None,
-) -> Dataset:
-    """Dataset of {"image" uint8 (H, W, 3), "mask" uint8 (H, W)} rows at `crop_size` (h, w)
-    (+ int "height", "width", the original size, when not `train`). `split` may name several
-    splits, read as one (`["train", "val"]`).
+) -> TrainStream:
+    """Index the training samples of `splits` (one split or several, read as one) and plan
+    their global batches. Shard problems raise `SampleReadError` naming the shard here, or,
+    with `on_error="skip"`, leave the shard out (counted in `TrainStream.index.skipped`)."""
+    from data.sample_index import build_sample_index
 
-    train: shard order shuffled per pass and the mmseg augmentation (random resize to `scale`
-    x `ratio_range`, crop with `cat_max_ratio`, flip, photometric, pad). Eval: resize to
-    `scale` (None: native size), pad to `crop_size`. `epochs` > 1 streams that many training
-    passes as one dataset (the passes run side by side, so epochs overlap). `verify`: shard
-    sizes ("size", cheap), also checksums ("sha256", reads every byte) or "none", against the
-    manifest before reading. `read_cpus` is the CPU request of each read+transform task: keep
-    it small where Train workers hold the CPUs (each task still keeps one core busy);
-    `concurrency` caps parallel tasks. One task reads and transforms one shard: Ray fuses the
-    read and the map, so raw bytes never reach the object store. Skip-mode counts accumulate
-    per (root, split) in the Ray job, once per pass: see `skipped_samples`.
-    """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    if epochs < 1 or (epochs > 1 and not train):
-        raise ValueError(f"epochs must be >= 1 and only train streams repeat, got {epochs}")
     manifest = load_manifest(root)
-    ledger = None
-    if on_error == "skip":
-        name = _ledger_name(str(root), split)
-        ledger = SkipLedger.options(name=name, get_if_exists=True).remote()
-    shards, filesystem = checked_shards(manifest, split, verify=verify, record=_record_to(ledger))
-    pipeline = build_pipeline(
-        manifest,
-        train=train,
-        crop_size=crop_size,
-        scale=scale,
-        ratio_range=ratio_range,
-        cat_max_ratio=cat_max_ratio,
-        seed=seed,
-    )
-    passes = []
-    for repeat in range(epochs):
-        shuffle = FileShuffleConfig(seed=seed * 1_000_003 + repeat) if train else None
-        source = CheckedWebDataset(
-            shards,
-            ledger=ledger,
-            decoder=None,  # raw bytes: PrepareBatch decodes, naming shard and key on errors
-            fileselect=[f"*.{pipeline.image_member}", "*.mask.png"],
-            filesystem=filesystem,
-            shuffle=shuffle,
-        )
-        raw = ray.data.read_datasource(
-            source, num_cpus=read_cpus, concurrency=concurrency, override_num_blocks=len(shards)
-        )
-        # Surface SampleReadError itself (it names shard and key), not Ray's UserCodeException.
-        raw.context.raise_original_map_exception = True
-        passes.append(
-            raw.map_batches(
-                PrepareBatch(pipeline, epochs, repeat, ledger),
-                batch_size=None,  # a set batch size stops Ray 2.60 fusing the map into the read
-                batch_format="numpy",
-                num_cpus=read_cpus,
-                compute=TaskPoolStrategy(size=concurrency),  # must equal the read's to fuse
-            )
-        )
-    return passes[0].union(*passes[1:]) if len(passes) > 1 else passes[0]
-
-
-def iter_batches(
-    data: Dataset | ray.data.DataIterator,
-    batch_size: int,
-    *,
-    device: torch.device | str = "cpu",
-    drop_last: bool = True,
-    local_shuffle_buffer_size: int | None = None,
-    prefetch_batches: int = 2,
-    seed: int | None = None,
-) -> Iterator[dict[str, torch.Tensor]]:
-    """One pass of normalised training batches: {"images" float32 (B, 3, H, W), "masks"
-    int64 (B, H, W)} (+ "height", "width" for eval). Works on a Dataset or a Ray Train shard
-    (`ray.train.get_dataset_shard`); uint8 goes to `device`, normalisation happens there."""
-    batches = data.iter_torch_batches(
-        batch_size=batch_size,
-        device=device,
-        drop_last=drop_last,
-        local_shuffle_buffer_size=local_shuffle_buffer_size,
-        local_shuffle_seed=seed,
-        prefetch_batches=prefetch_batches,
-    )
-    for batch in batches:
-        yield to_training_batch(batch, device)
+    index, filesystem = build_sample_index(manifest, splits, skip=on_error == "skip")
+    pipeline = build_pipeline(manifest, train=True, crop_size=crop_size, scale=scale,
+                              ratio_range=ratio_range, cat_max_ratio=cat_max_ratio, seed=seed)
+    plan = BatchPlan(num_samples=len(index), global_batch_size=global_batch_size,
+                     micro_batch_size=micro_batch_size, seed=seed)
+    names = (splits,) if isinstance(splits, str) else tuple(splits)
+    return TrainStream(index=index, filesystem=filesystem, pipeline=pipeline, plan=plan,
+                       root=str(root), splits=names, on_error=on_error, read_cpus=read_cpus,
+                       concurrency=concurrency)

@@ -1,7 +1,8 @@
 """Checkpoint files: one `checkpoint.pt` per Ray Train checkpoint folder.
 
 The payload is a plain dict of tensors and built-in types, so `torch.load(weights_only=True)`
-reads it without unpickling code. Writes go to a temporary file renamed into place, so a crash
+reads it without unpickling code; its "meta" is `ModelMeta.to_dict()` on disk and a checked
+`ModelMeta` once loaded. Writes go to a temporary file renamed into place, so a crash
 mid-write never leaves a truncated checkpoint behind.
 """
 
@@ -17,9 +18,9 @@ from typing import Any
 import torch
 
 import segnext
+from pipelines.meta import FORMAT, EvalMeta, MetaError, ModelMeta, payload_meta
 
 CHECKPOINT_FILE = "checkpoint.pt"
-FORMAT = "segnext-checkpoint/1"
 REQUIRED_KEYS = ("model", "iteration", "meta")
 
 
@@ -28,7 +29,10 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(path_dir: str | Path, payload: dict[str, Any]) -> Path:
-    """Write `payload` to `path_dir/checkpoint.pt` atomically; returns the file path."""
+    """Write `payload` to `path_dir/checkpoint.pt` atomically; returns the file path.
+    A `ModelMeta` under "meta" is written in its dict form."""
+    if isinstance(payload.get("meta"), ModelMeta):
+        payload = {**payload, "meta": payload["meta"].to_dict()}
     path_dir = Path(path_dir)
     path_dir.mkdir(parents=True, exist_ok=True)
     target = path_dir / CHECKPOINT_FILE
@@ -59,7 +63,8 @@ def resolve_checkpoint_file(path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by `save_checkpoint` (weights only: no code is unpickled).
+    """Load a checkpoint written by `save_checkpoint` (weights only: no code is unpickled);
+    its "meta" comes back as a checked `ModelMeta` (CheckpointError naming the file if not).
 
     `path` may be a URI (s3://, gs://): the checkpoint is fetched into a temporary folder."""
     from pipelines.storage import is_remote, local_checkpoint
@@ -100,21 +105,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     found = payload["meta"].get("format") if isinstance(payload["meta"], dict) else None
     if found != FORMAT:
         raise CheckpointError(f"{file}: checkpoint format {found!r}, this code reads {FORMAT!r}")
+    try:
+        payload["meta"] = ModelMeta.from_dict(payload["meta"], source=str(file))
+    except MetaError as error:
+        raise CheckpointError(str(error)) from None
     return payload
-
-
-def describe_model(payload: dict[str, Any]) -> dict[str, Any]:
-    """The facts about a checkpoint's model that every exported flavour carries (the pyfunc's
-    MLflow metadata, the ONNX file's metadata): one place, so they cannot drift apart."""
-    meta = payload["meta"]
-    return {
-        "class_names": list(meta["class_names"]),
-        "palette": [list(map(int, color)) for color in meta["palette"]],
-        "ignore_index": int(meta.get("ignore_index", 255)),
-        "num_classes": int(meta["num_classes"]),
-        "variant": meta["variant"],
-        "classifier": meta["classifier"],
-    }
 
 
 def build_meta(
@@ -130,22 +125,24 @@ def build_meta(
     mean: list[float],
     std: list[float],
     crop_size: list[int],
-) -> dict[str, Any]:
-    """Everything needed to rebuild the model and run it on new images, without the config."""
-    return {
-        "format": FORMAT,
-        "variant": variant,
-        "num_classes": int(num_classes),
-        "classifier": classifier,
-        "classifier_kwargs": dict(classifier_kwargs),
-        "nmf": dict(nmf),
-        "class_names": list(class_names),
-        "palette": [list(map(int, color)) for color in palette],
-        "ignore_index": int(ignore_index),
-        "mean": [float(v) for v in mean],
-        "std": [float(v) for v in std],
-        "crop_size": [int(v) for v in crop_size],
-    }
+    eval: EvalMeta | None = None,
+) -> ModelMeta:
+    """Everything needed to rebuild the model and run it on new images, without the config;
+    numbers are coerced from what configs and manifests hold (e.g. numpy ints), then checked."""
+    return ModelMeta(
+        variant=variant,
+        num_classes=int(num_classes),
+        classifier=classifier,
+        classifier_kwargs=dict(classifier_kwargs),
+        nmf=dict(nmf),
+        class_names=tuple(class_names),
+        palette=tuple(tuple(int(v) for v in color) for color in palette),
+        ignore_index=int(ignore_index),
+        mean=tuple(float(v) for v in mean),
+        std=tuple(float(v) for v in std),
+        crop_size=tuple(int(v) for v in crop_size),
+        eval=eval,
+    )
 
 
 def model_overrides(classifier_kwargs: dict[str, Any], nmf: dict[str, Any]) -> dict[str, Any]:
@@ -159,12 +156,12 @@ def model_overrides(classifier_kwargs: dict[str, Any], nmf: dict[str, Any]) -> d
 
 def model_from_checkpoint(payload: dict[str, Any]) -> segnext.SegNeXt:
     """Rebuild the SegNeXt described by `payload["meta"]`, load its weights, eval mode."""
-    meta = payload["meta"]
+    meta = payload_meta(payload)
     model = segnext.create_model(
-        meta["variant"],
-        meta["num_classes"],
-        classifier=meta["classifier"],
-        **model_overrides(meta.get("classifier_kwargs", {}), meta.get("nmf", {})),
+        meta.variant,
+        meta.num_classes,
+        classifier=meta.classifier,
+        **model_overrides(meta.classifier_kwargs.to_dict(), meta.nmf.to_dict()),
     )
     model.load_state_dict(payload["model"])
     return model.eval()

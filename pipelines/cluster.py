@@ -48,7 +48,10 @@ def init_ray(
     from pipelines.console import current_log
 
     target = resolve_address(address)
-    level = "ERROR" if current_log() is not None else "WARNING"  # quiet console: log file only
+    # ray.init applies `logging_config` after `logging_level`, so the driver's "ray" logger ends
+    # at WARNING either way; under the quiet console its records below ERROR (the token-auth
+    # notice) reach the log file only (pipelines.console), its ERRORs still show.
+    level = "ERROR" if current_log() is not None else "WARNING"
     options = {"logging_level": level, "logging_config": ray.LoggingConfig(log_level="WARNING")}
     if target is not None:
         ray.init(address=target, runtime_env={"env_vars": {**worker_env, "RAY_ADDRESS": target}},

@@ -10,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -27,7 +28,22 @@ class ConfigError(ValueError):
 REMOVED_KEYS = {
     "data.val_size": "is gone: validation scores every image at its original size, as "
     "`segnext eval` does; delete the key",
+    "data.stream_epochs": "is gone: each worker streams its share of the whole run's batch "
+    "plan (data.plan), epochs included; delete the key",
 }
+# Keys users bring from elsewhere (Ray Tune's own names): what they are called here.
+OTHER_NAMES = {
+    "tune.num_samples": "is Ray Tune's name; here it is tune.trials (or --trials)",
+    "tune.max_concurrent_trials": "is Ray Tune's name; here it is tune.max_concurrent",
+    "tune.scheduler": "is not configurable: the search uses ASHA; set tune.asha instead",
+}
+# Mappings whose keys are themselves dotted config keys: `tune.space.optim.lr=...` sets the
+# dimension "optim.lr", not a section "optim".
+DOTTED_KEY_MAPPINGS = ("tune.space", "tune.warm_start.scratch")
+# Sections every trial of a search shares (one cluster plan, tracking store, registry).
+UNSEARCHABLE_SECTIONS = ("ray", "run", "mlflow", "registry", "storage", "tune")
+DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint", "grid")
+_FLOAT_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")  # YAML 1.1 reads 1e-4 as text
 
 
 @dataclass
@@ -56,7 +72,6 @@ class DataConfig:
     cat_max_ratio: float = 0.75
     read_cpus: float = 0.25
     on_error: Literal["raise", "skip"] = "raise"
-    stream_epochs: int = 1  # training passes chained into one Ray Data stream (less start-up)
 
     @property
     def train_splits(self) -> list[str]:
@@ -86,6 +101,11 @@ class LossConfig:
         default_factory=lambda: {"general": 1.0, "refine": 1.0, "variance": 0.1}
     )
     variance_top_k: int = 3
+    # Where the loss is computed: "mask" (logits resized to the mask, official) or "logits"
+    # (the mask sampled down to the stride-8 logits: cheaper, thin objects less supervised).
+    resolution: Literal["mask", "logits"] = "mask"
+    # Integrated loss: w_ref and w_var ramp linearly from 0 over this many iterations (0: off).
+    warmup_iters: int = 0
 
 
 @dataclass
@@ -123,6 +143,11 @@ class RayConfig:
     gpus_per_worker: float | None = None
     resources_per_worker: dict[str, float] = field(default_factory=dict)
     address: str | None = None  # None: join a running cluster if any, else start one
+    # Elastic run: Ray Train may run with min_workers..num_workers workers, shrinking when one
+    # is lost and growing back when resources return (checked every resize_interval_s); the
+    # global batch and the batch plan stay the same (data.plan). None: fixed num_workers.
+    min_workers: int | None = None
+    resize_interval_s: float = 60.0
 
 
 @dataclass
@@ -150,6 +175,125 @@ class StorageConfig:
     endpoint: str | None = None
 
 
+@dataclass(frozen=True)
+class Dimension:
+    """One searched key's distribution, `{loguniform: [1.0e-4, 1.0e-2]}` in YAML; Ray Tune's
+    domain is built from it in `tune.space` (reading a config must not need Ray)."""
+
+    kind: str  # one of DISTRIBUTIONS
+    values: tuple[Any, ...]  # (low, high) for ranges, the options for choice/grid
+
+    @classmethod
+    def from_config(cls, raw: Any, key: str, source: str) -> Dimension:
+        def fail(message: str) -> ConfigError:
+            return ConfigError(f"{source}: {key} {message}")
+
+        example = "e.g. {loguniform: [1.0e-4, 1.0e-2]}"
+        if not isinstance(raw, dict) or len(raw) != 1:
+            raise fail(f"must be one distribution ({', '.join(DISTRIBUTIONS)}), {example}")
+        kind, args = next(iter(raw.items()))
+        if kind not in DISTRIBUTIONS:
+            close = difflib.get_close_matches(str(kind), DISTRIBUTIONS, n=1)
+            hint = f"did you mean {close[0]}?" if close else f"use one of {', '.join(DISTRIBUTIONS)}"
+            raise fail(f"has unknown distribution {kind!r}; {hint}")
+        if not isinstance(args, list | tuple) or not args:
+            raise fail(f"{kind} needs a non-empty list, {example}")
+        if kind in ("choice", "grid"):
+            return cls(kind, tuple(_yaml_float(value) for value in args))
+        if len(args) != 2:
+            raise fail(f"{kind} needs [low, high], got {list(args)!r}")
+        if kind == "randint":
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in args):
+                raise fail(f"randint bounds must be integers, got {list(args)!r}")
+            if args[0] >= args[1]:
+                raise fail(f"randint needs low < high (high is excluded), got {list(args)!r}")
+            return cls(kind, tuple(args))
+        low, high = (_number(v) for v in args)
+        if low is None or high is None or not low < high:
+            raise fail(f"{kind} needs numbers low < high, got {list(args)!r}")
+        if kind == "loguniform" and low <= 0:
+            raise fail(f"loguniform needs 0 < low, got {list(args)!r}")
+        return cls(kind, (float(low), float(high)))
+
+    def to_config(self) -> dict[str, list[Any]]:
+        return {self.kind: list(self.values)}
+
+    @property
+    def log_scale(self) -> bool:
+        return self.kind == "loguniform"
+
+    def extremes(self) -> list[Any]:
+        """Values covering what the distribution can produce, to check against the config."""
+        if self.kind == "randint":
+            return [self.values[0], self.values[1] - 1]
+        return list(self.values)
+
+    def describe(self) -> str:
+        return f"{self.kind}({', '.join(repr(v) for v in self.values)})"
+
+
+@dataclass
+class AshaConfig:
+    grace_period: int = 1  # validations a trial runs before it can be stopped
+    reduction_factor: float = 2.0  # keep the top 1/reduction_factor at each rung
+
+
+@dataclass
+class WarmStartConfig:
+    """`tune.warm_start`: every trial starts from these weights (as `model.init_from`)."""
+
+    SHORTHAND: ClassVar[str] = "source"  # `warm_start: c.pt` means `warm_start: {from: c.pt}`
+    # checkpoint path/folder, s3:// URI or models:/NAME@ALIAS; `from:` in YAML
+    source: str = field(default="", metadata={"key": "from"})
+    part: Literal["encoder", "model"] = "model"  # model: same classes; encoder: any classes
+    if_missing: Literal["fail", "scratch"] = "fail"
+    scratch: dict[str, Any] = field(default_factory=dict)  # overrides used only from scratch
+
+
+@dataclass
+class TuneConfig:
+    """The `tune:` section, read by `segnext tune` only (`segnext train` ignores it):
+
+    ```yaml
+    tune:
+      trials: 4                 # samples drawn from the space (x the size of any grid)
+      max_concurrent: 2         # optional; capped to what the cluster fits
+      search: random            # random | optuna
+      asha: {grace_period: 1, reduction_factor: 2}   # in validations
+      capacity: {GPU: 8, CPU: 64}   # optional: what an autoscaling cluster grows to
+      warm_start: {from: models:/segnext-demo@champion, part: model}
+      space:                    # dotted config key -> one distribution
+        optim.lr: {loguniform: [1.0e-4, 3.0e-3]}
+        loss.weights.refine: {choice: [0.5, 1.0, 2.0]}
+        train.seed: {randint: [0, 100]}              # high bound excluded
+        optim.weight_decay: {grid: [0.0, 0.01]}      # every value, for each sample (random only)
+    ```
+    Each searched key must exist and accept every value its distribution can produce, so a
+    typo fails here with the key's name instead of as a crashed trial minutes later.
+    """
+
+    space: dict[str, Dimension] = field(default_factory=dict)
+    trials: int = 4
+    max_concurrent: int | None = None
+    search: Literal["random", "optuna"] = "random"
+    seed: int = 0
+    asha: AshaConfig = field(default_factory=AshaConfig)
+    # Resources an autoscaling cluster can grow to (it reports only the nodes already up);
+    # None: plan with what `ray.cluster_resources()` reports at start.
+    capacity: dict[str, float] | None = None
+    warm_start: WarmStartConfig | None = None
+    # classes whose IoU the results picture plots (None: the best trial's most confused pairs)
+    classes: list[str] | None = None
+
+    @property
+    def grid_size(self) -> int:
+        return math.prod(len(d.values) for d in self.space.values() if d.kind == "grid")
+
+    @property
+    def total_trials(self) -> int:
+        return self.trials * self.grid_size
+
+
 @dataclass
 class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -164,18 +308,14 @@ class ExperimentConfig:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     run: RunSection = field(default_factory=RunSection)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    tune: TuneConfig | None = None  # the search (`segnext tune`); None: no tune: section
 
     @property
     def micro_batch_size(self) -> int:
-        """Images per worker per forward pass."""
+        """Images per worker per forward pass (the batch plan's micro-batch: `data.plan`)."""
         return self.train.per_worker_batch_size or (
             self.train.global_batch_size // self.ray.num_workers
         )
-
-    @property
-    def grad_accumulation(self) -> int:
-        """Forward passes per optimizer step, so the global batch stays fixed for any worker count."""
-        return self.train.global_batch_size // (self.ray.num_workers * self.micro_batch_size)
 
 
 # ---------------------------------------------------------------------------------- loading
@@ -232,8 +372,11 @@ def config_from_dict(raw: dict[str, Any], *, source: str = "<dict>") -> Experime
 
 
 def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    """`raw[a][b][c] = value` for key `a.b.c`; under a DOTTED_KEY_MAPPINGS mapping the rest of
+    the key is one entry (`tune.space.optim.lr` -> `raw["tune"]["space"]["optim.lr"]`)."""
+    mapping = next((m for m in DOTTED_KEY_MAPPINGS if key.startswith(f"{m}.")), None)
+    parts = key.split(".") if mapping is None else [*mapping.split("."), key[len(mapping) + 1 :]]
     node = raw
-    parts = key.split(".")
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if child is None:
@@ -248,33 +391,62 @@ def _build(cls: type, raw: Any, *, prefix: str, source: str) -> Any:
     """Instantiate dataclass `cls` from `raw`, rejecting unknown keys and mistyped values."""
     if raw is None:
         raw = {}
+    shorthand = getattr(cls, "SHORTHAND", None)
+    if shorthand is not None and isinstance(raw, str):
+        raw = {_yaml_key(_field(cls, shorthand)): raw}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping")
+        section = prefix.rstrip(".") or "config"
+        raise ConfigError(f"{source}: {section} must be a mapping, not {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {_yaml_key(f): f.name for f in dataclasses.fields(cls)}
+    names = list(fields)
     unknown = [key for key in raw if key not in names]
     if unknown:
         key = unknown[0]
-        if f"{prefix}{key}" in REMOVED_KEYS:
-            raise ConfigError(f"{source}: {prefix}{key} {REMOVED_KEYS[f'{prefix}{key}']}")
+        known = {**REMOVED_KEYS, **OTHER_NAMES}.get(f"{prefix}{key}")
+        if known:
+            raise ConfigError(f"{source}: {prefix}{key} {known}")
         close = difflib.get_close_matches(str(key), names, n=1)
         hint = f"did you mean {prefix}{close[0]}?" if close else f"valid keys: {', '.join(names)}"
         raise ConfigError(f"{source}: unknown config key {prefix}{key}; {hint}")
     values = {}
     defaults = cls()
-    for name in names:
-        if name not in raw:
+    for key, name in fields.items():
+        if key not in raw:
             continue
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            values[name] = _build(hint, raw[name], prefix=f"{prefix}{name}.", source=source)
+        hint, optional = _section_type(hints[name])
+        if hint is not None:
+            if optional and raw[key] is None:
+                values[name] = None  # an optional section left empty: absent
+            else:
+                values[name] = _build(hint, raw[key], prefix=f"{prefix}{key}.", source=source)
             continue
-        value = _coerce(raw[name], hint, f"{prefix}{name}", source)
+        value = _coerce(raw[key], hints[name], f"{prefix}{key}", source)
         default = getattr(defaults, name)
         if isinstance(default, dict) and isinstance(value, dict):
             value = {**default, **value}  # `loss.weights.variance=0.5` keeps the other weights
         values[name] = value
     return cls(**values)
+
+
+def _section_type(hint: Any) -> tuple[type | None, bool]:
+    """(the dataclass of a section field, whether it may be None), or (None, False)."""
+    if dataclasses.is_dataclass(hint):
+        return hint, False
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        if len(args) == 1 and dataclasses.is_dataclass(args[0]):
+            return args[0], True
+    return None, False
+
+
+def _field(cls: type, name: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(cls) if f.name == name)
+
+
+def _yaml_key(f: dataclasses.Field) -> str:
+    """The key of a field in YAML (`from` cannot be a Python name)."""
+    return f.metadata.get("key", f.name)
 
 
 def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
@@ -312,6 +484,8 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
         return {str(k): _coerce(v, args[1], f"{key}.{k}", source) for k, v in value.items()}
     if hint is Any:
         return value
+    if isinstance(hint, type) and hasattr(hint, "from_config"):  # e.g. a Dimension
+        return hint.from_config(value, key, source)
     if hint is bool:
         if not isinstance(value, bool):
             raise _type_error(value, hint, key, source)
@@ -367,7 +541,6 @@ def _validate(cfg: ExperimentConfig, source: str) -> None:
         "data.ratio_range",
         "must be [low, high] with 0 < low <= high",
     )
-    require(cfg.data.stream_epochs >= 1, "data.stream_epochs", "must be >= 1")
     require(cfg.data.read_cpus > 0, "data.read_cpus", "must be > 0 (Ray rejects 0-CPU reads)")
     require(cfg.model.num_classes is None or cfg.model.num_classes > 1, "model.num_classes", "> 1")
     require(
@@ -394,10 +567,14 @@ def _validate(cfg: ExperimentConfig, source: str) -> None:
     unknown_weights = set(cfg.loss.weights) - {"general", "refine", "variance"}
     require(not unknown_weights, "loss.weights", "keys must be general, refine, variance")
     require(cfg.loss.variance_top_k >= 2, "loss.variance_top_k", "must be >= 2")
+    require(cfg.loss.warmup_iters >= 0, "loss.warmup_iters", "must be >= 0 (0: no warm-up)")
     for key in ("log_every", "val_every", "checkpoint_every", "keep_best", "global_batch_size"):
         require(getattr(cfg.train, key) > 0, f"train.{key}", "must be > 0")
     require(cfg.train.max_failures >= -1, "train.max_failures", "must be >= -1 (-1: forever)")
     require(cfg.ray.num_workers > 0, "ray.num_workers", "must be > 0")
+    require(cfg.ray.min_workers is None or 0 < cfg.ray.min_workers <= cfg.ray.num_workers,
+            "ray.min_workers", f"must be between 1 and ray.num_workers ({cfg.ray.num_workers})")
+    require(cfg.ray.resize_interval_s >= 0, "ray.resize_interval_s", "must be >= 0")
     require(cfg.ray.cpus_per_worker > 0, "ray.cpus_per_worker", "must be > 0")
     gpus = cfg.ray.gpus_per_worker
     if gpus is not None:
@@ -439,14 +616,127 @@ def _validate(cfg: ExperimentConfig, source: str) -> None:
         "storage.endpoint",
         f"= {cfg.storage.endpoint!r} must be a URL such as http://127.0.0.1:9000",
     )
+    if cfg.tune is not None:
+        _validate_tune(cfg, cfg.tune, source, require)
+
+
+def _validate_tune(cfg: ExperimentConfig, tune: TuneConfig, source: str, require) -> None:
+    """The search settings, and every config a trial can get: each searched value and the
+    warm start are applied to the config (without its tune section) and validated."""
+    require(tune.trials >= 1, "tune.trials", f"= {tune.trials} must be a positive integer")
+    require(
+        tune.max_concurrent is None or tune.max_concurrent >= 1,
+        "tune.max_concurrent",
+        f"= {tune.max_concurrent} must be >= 1, or null for what the cluster fits",
+    )
+    require(tune.asha.grace_period >= 1, "tune.asha.grace_period", "must be >= 1 (validations)")
+    require(tune.asha.reduction_factor > 1, "tune.asha.reduction_factor", "must be a number > 1")
+    require(
+        tune.capacity is None or all(value > 0 for value in tune.capacity.values()),
+        "tune.capacity",
+        f"= {tune.capacity} must map resource names to positive numbers, e.g. {{GPU: 8, CPU: 64}}",
+    )
+    require(
+        tune.classes is None or (bool(tune.classes) and all(tune.classes)),
+        "tune.classes",
+        "must name at least one class, e.g. [car, truck], or be removed",
+    )
+    require(
+        bool(tune.space),
+        "tune.space",
+        "is empty; map dotted config keys to distributions, e.g. "
+        "optim.lr: {loguniform: [1.0e-4, 1.0e-2]}",
+    )
+    require(
+        tune.search != "optuna" or all(dim.kind != "grid" for dim in tune.space.values()),
+        "tune.search",
+        "= optuna cannot take grid dimensions; use choice, or tune.search=random",
+    )
+    base = dataclasses.replace(cfg, tune=None)
+    for key, dim in tune.space.items():
+        section = key.split(".", 1)[0]
+        require(
+            section not in UNSEARCHABLE_SECTIONS,
+            f"tune.space.{key}",
+            f"cannot be searched: {section}.* is shared by all trials",
+        )
+        for value in dim.extremes():
+            _trial_config(base, {key: value}, f"tune.space.{key} = {value!r}", source)
+    _check_grace(cfg, tune, source)
+    warm = tune.warm_start
+    if warm is None:
+        return
+    require(
+        bool(warm.source),
+        "tune.warm_start.from",
+        "is empty; set a checkpoint path or URI, e.g. models:/segnext-demo@champion",
+    )
+    require(
+        not warm.scratch or warm.if_missing == "scratch",
+        "tune.warm_start.scratch",
+        "holds overrides used only with tune.warm_start.if_missing: scratch; set it or remove them",
+    )
+    require(
+        not (cfg.model.init_from or cfg.model.pretrained),
+        "tune.warm_start",
+        "and model.init_from/model.pretrained both set the weights; keep one",
+    )
+    weights = {"model.init_from": warm.source, "model.init_part": warm.part}
+    _trial_config(base, weights, "tune.warm_start", source)
+    if warm.if_missing == "scratch":
+        scratch = _trial_config(base, warm.scratch, "tune.warm_start.scratch", source)
+        _check_grace(scratch, tune, source, where=" (with tune.warm_start.scratch)")
+
+
+def _trial_config(
+    base: ExperimentConfig, values: dict[str, Any], what: str, source: str
+) -> ExperimentConfig:
+    try:
+        return with_overrides(base, values)
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {what} is rejected by the config: {error}") from None
+
+
+def _check_grace(cfg: ExperimentConfig, tune: TuneConfig, source: str, where: str = "") -> None:
+    """ASHA must be able to compare trials before they end."""
+    grace = tune.asha.grace_period * cfg.train.val_every
+    if grace > cfg.schedule.iterations:
+        raise ConfigError(
+            f"{source}: tune.asha.grace_period = {tune.asha.grace_period} validations is "
+            f"{grace} iterations, beyond schedule.iterations ({cfg.schedule.iterations}){where}; "
+            "lower it or train.val_every so ASHA can compare trials before they end"
+        )
+
+
+def _number(value: Any) -> float | int | None:
+    value = _yaml_float(value)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return value
+
+
+def _yaml_float(value: Any) -> Any:
+    return float(value) if isinstance(value, str) and _FLOAT_TEXT.match(value) else value
 
 
 # ---------------------------------------------------------------------------------- output
 
 
 def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
-    """Nested plain data (YAML/JSON/torch.save-safe)."""
-    return dataclasses.asdict(cfg)
+    """Nested plain data (YAML/JSON/torch.save-safe) that `config_from_dict` reads back."""
+    return _plain(cfg)
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "to_config"):
+        return value.to_config()
+    if dataclasses.is_dataclass(value):
+        return {_yaml_key(f): _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    return value
 
 
 def to_flat_dict(cfg: ExperimentConfig) -> dict[str, Any]:

@@ -1,12 +1,16 @@
 """What a long command shows on the terminal: its own lines and one live progress line.
 
 Ray forwards every worker's output to the driver from a background thread: per-report dumps,
-deprecation warnings, Ray Data's execution plans. `quiet_console` keeps, of those, only the
-project's own `[segnext]` lines; what the command's main thread prints passes as it is; Python
-warnings and the INFO logs of Ray and MLflow go to the log only. Every line, shown or not, goes
-to a log file (uploaded to the MLflow run by `segnext train`). On a terminal the training
-progress lines (`[segnext] it ...`) overwrite each other in place. `segnext --verbose` turns all
-of this off.
+deprecation warnings, Ray Data's execution plans, the workers' C++ (`core_worker.cc`) lines.
+`quiet_console` keeps, of those, only the project's own `[segnext]` lines. Ray also prints
+forwarded lines on the main thread: at `ray.shutdown()` its de-duplicator writes out the lines it
+held back, so a line counts as forwarded when Ray's printer (`print_worker_logs`) wrote it, on
+whichever thread. What the command's main thread prints passes as it is, except Ray's own log
+records below ERROR (the token-auth WARNING of `ray.init`): those, Python warnings and the INFO
+logs of MLflow go to the log only; Ray's ERROR records still show. Every line, shown or not, goes
+to a log file (uploaded to the MLflow run by `segnext train`). Each thread's partial line is kept
+apart, so a worker line is never glued to one of ours. On a terminal the training progress lines
+(`[segnext] it ...`) overwrite each other in place. `segnext --verbose` turns all of this off.
 """
 
 from __future__ import annotations
@@ -29,6 +33,10 @@ RAY_PREFIX = re.compile(r"^(\x1b\[[0-9;]*m)*\((?:[\w.:-]+ )?pid=\d+(?:, ip=[\d.:
                         r"(\x1b\[[0-9;]*m)* ?")
 PROGRESS = ("[segnext] it ", "[segnext tune] trials: ")  # live lines on a terminal
 OWN = "[segnext"
+# Ray's Python log format on the driver: "2026-12-01 23:20:39,008\tWARNING file.py:85 -- ..."
+RAY_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\t(?P<level>[A-Z]+) \S+:\d+ -- ")
+SHOWN_LEVELS = ("ERROR", "CRITICAL", "FATAL")
+RAY_PRINTER = ("print_worker_logs", "ray._private.worker")  # prints forwarded lines: (name, module)
 NOISY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.air", "mlflow")
 
 _current_log: Path | None = None
@@ -46,18 +54,32 @@ class ConsoleFilter(io.TextIOBase):
     def __init__(self, target: TextIO, log: TextIO, *, live: bool) -> None:
         super().__init__()
         self.target, self.log, self.live = target, log, live
-        self.pending = ""
+        self.pending: dict[int, tuple[str, bool]] = {}  # thread id -> (unfinished line, forwarded)
         self.progress_shown = False
+        self._lock = threading.Lock()
 
     def writable(self) -> bool:
         return True
 
     def write(self, text: str) -> int:
-        self.pending += text
-        *lines, self.pending = self.pending.split("\n")
-        for line in lines:
-            self._line(line)
+        thread = threading.get_ident()
+        forwarded = threading.current_thread() is not threading.main_thread() or _printed_by_ray()
+        with self._lock:
+            start, was_forwarded = self.pending.pop(thread, ("", False))
+            forwarded = forwarded or was_forwarded
+            *lines, rest = (start + text).split("\n")
+            if rest:
+                self.pending[thread] = (rest, forwarded)
+            for line in lines:
+                self._line(line, forwarded=forwarded)
         return len(text)
+
+    def end_lines(self) -> None:
+        """Write out every thread's unfinished line (the command is over)."""
+        with self._lock:
+            for rest, forwarded in self.pending.values():
+                self._line(rest, forwarded=forwarded)
+            self.pending = {}
 
     def flush(self) -> None:
         if not self.log.closed:
@@ -73,14 +95,16 @@ class ConsoleFilter(io.TextIOBase):
     def fileno(self) -> int:
         return self.target.fileno()
 
-    def _line(self, line: str) -> None:
+    def _line(self, line: str, *, forwarded: bool) -> None:
         if not self.log.closed:  # a thread may still write after the command ended
             self.log.write(line + "\n")
         match = RAY_PREFIX.match(line)
         if match:
             line = line[match.end():]
-        forwarded = match or threading.current_thread() is not threading.main_thread()
-        if forwarded and not line.startswith(OWN):  # Ray's log thread: only our own lines
+        if (match or forwarded) and not line.startswith(OWN):  # Ray's output: only our own lines
+            return
+        record = RAY_RECORD.match(line)
+        if record and record["level"] not in SHOWN_LEVELS:  # Ray's own INFO/WARNING: log only
             return
         if self.live and line.startswith(PROGRESS):
             self.target.write("\r\x1b[2K" + line)
@@ -119,8 +143,7 @@ def quiet_console(command: str, *, enabled: bool = True,
             yield path
         finally:
             for stream in (sys.stdout, sys.stderr):
-                if stream.pending:
-                    stream.write("\n")
+                stream.end_lines()
                 if stream.progress_shown:
                     stream.target.write("\n")
             sys.stdout, sys.stderr = saved_streams
@@ -136,6 +159,19 @@ def log_only(text: str) -> None:
         stream.log.write(text.rstrip("\n") + "\n")
     else:
         print(text, flush=True)
+
+
+def _printed_by_ray() -> bool:
+    """Whether Ray's printer of forwarded worker output is on this thread's stack (it runs on
+    the main thread too, inside `ray.shutdown()`). Looked up by name: if a Ray upgrade renames
+    it, the lines it prints on the main thread show again (test_console catches that)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if (code.co_name, frame.f_globals.get("__name__")) == RAY_PRINTER:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _log_warning(log: TextIO, message, category, filename, lineno, file=None, line=None) -> None:

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipelines.metric_names import class_iou_metric
+
 if TYPE_CHECKING:
     from data.samples import SamplePipeline
     from data.shards import Manifest
@@ -124,7 +126,8 @@ def evaluate_ray(
     done by the caller."""
     import ray
 
-    from data.stream import SkipTally, checked_shards, configure_data_context
+    from data.sample_index import checked_shards
+    from data.stream import SkipTally, configure_data_context
     from pipelines.validation import scoring_pipeline
 
     configure_data_context(progress_bars=False)
@@ -176,8 +179,7 @@ def evaluate(
     import torch
 
     from data.shards import load_manifest
-    from pipelines.checkpoint import load_checkpoint
-    from pipelines.serving import Segmenter, resolve_model
+    from pipelines.serving import Segmenter, load_source, resolve_model
     from segnext.metrics import ConfusionMatrix
 
     options = options or EvalOptions()
@@ -186,7 +188,7 @@ def evaluate(
     use_ray = distributed == "on" or (distributed == "auto" and num_samples > RAY_ABOVE)
     source = resolve_model(model)
     segmenter = Segmenter.from_checkpoint(
-        load_checkpoint(source.checkpoint),
+        load_source(source),
         device="cpu" if use_ray else None,  # the driver only reads settings then
         **options.overrides(),
     )
@@ -311,7 +313,7 @@ def log_to_mlflow(
     scores = result.scores
     values = {f"{prefix}/{key}": scores[key] for key in ("mIoU", "aAcc", "mAcc")}
     for name, iou in zip(result.class_names, scores["per_class_iou"], strict=True):
-        values[f"{prefix}/IoU/{tracking.metric_name(name)}"] = iou
+        values[class_iou_metric(name, prefix)] = iou
     values[f"{prefix}/skipped_samples"] = result.skipped["count"]
     metrics = [Metric(key, float(v), 0, 0) for key, v in values.items() if not math.isnan(v)]
     client.log_batch(run_id, metrics=metrics)

@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipelines.metric_names import SCORE
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
@@ -86,9 +88,9 @@ def export_onnx(
     import onnx
     import torch
 
-    from pipelines.checkpoint import load_checkpoint, model_from_checkpoint
+    from pipelines.checkpoint import model_from_checkpoint
     from pipelines.onnx_runtime import METADATA_KEY, OnnxSegmenter
-    from pipelines.serving import SIZE_DIVISOR, SLIDE_ABOVE_CROPS, resolve_model
+    from pipelines.serving import SIZE_DIVISOR, SLIDE_ABOVE_CROPS, load_source, resolve_model
 
     out = Path(out)
     if out.suffix.lower() != ".onnx":
@@ -96,27 +98,27 @@ def export_onnx(
     if size is not None and min(size) < SIZE_DIVISOR:
         raise ExportError(f"--height/--width {size}: each must be at least {SIZE_DIVISOR}")
     source = resolve_model(model)
-    payload = load_checkpoint(source.checkpoint)
-    if (payload["meta"].get("nmf") or {}).get("random_eval_bases"):
+    payload = load_source(source)
+    model_meta = payload["meta"]  # a ModelMeta, checked by load_checkpoint
+    if model_meta.nmf.get("random_eval_bases"):
         raise ExportError(
             f"{model} draws random NMF bases at every forward (nmf.random_eval_bases=true), "
             "which ONNX cannot express; retrain or rebuild it with deterministic eval bases"
         )
     network = model_from_checkpoint(payload)
     picture, image_name = _verification_image(image, payload)
-    meta = _metadata(payload, source.reference, size, opset, SIZE_DIVISOR, SLIDE_ABOVE_CROPS)
+    metadata = _metadata(payload, source.reference, size, opset, SIZE_DIVISOR, SLIDE_ABOVE_CROPS)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.stem}-", suffix=".onnx.tmp", dir=out.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        crop = tuple(payload["meta"]["crop_size"])
-        _trace(network, tmp, size or crop, dynamic_size=size is None, opset=opset)
+        _trace(network, tmp, size or model_meta.crop_size, dynamic_size=size is None, opset=opset)
         graph = onnx.load(str(tmp))
         onnx.checker.check_model(graph)
-        onnx.helper.set_model_props(graph, {METADATA_KEY: json.dumps(meta)})
-        graph.doc_string = f"SegNeXt-{meta['variant']} exported from {source.reference}"
+        onnx.helper.set_model_props(graph, {METADATA_KEY: json.dumps(metadata)})
+        graph.doc_string = f"SegNeXt-{model_meta.variant} exported from {source.reference}"
         onnx.save(graph, str(tmp))
         runtime = OnnxSegmenter(tmp)
         x = _network_input(runtime, picture, size)
@@ -202,23 +204,25 @@ def _metadata(
     """The runtime's settings: the registered model's (pipelines.serving), as JSON."""
     import torch
 
-    from pipelines.checkpoint import describe_model
+    from pipelines.meta import payload_meta
     from pipelines.onnx_runtime import FORMAT
     from pipelines.serving import settings_from_checkpoint
 
     settings = dataclasses.asdict(settings_from_checkpoint(payload))
     settings.update(size_divisor=size_divisor, slide_above_crops=slide_above_crops)
     metrics = payload.get("metrics") or {}
+    meta = payload_meta(payload)
     return {
         "format": FORMAT,
-        **describe_model(payload),
+        **meta.describe(),  # flat, for readers of the JSON; the runtime reads "meta"
+        "meta": meta.to_dict(),
         "settings": settings,
         "input_size": None if size is None else list(size),
         "input": INPUT_NAME,
         "output": OUTPUT_NAME,
         "source": reference,
         "iteration": int(payload.get("iteration", 0)),
-        "val_mIoU": metrics.get("val/mIoU"),
+        "val_mIoU": metrics.get(SCORE),
         "opset": opset,
         "torch": torch.__version__,
     }

@@ -26,6 +26,7 @@ import onnxruntime as ort
 
 from data.transforms import rescaled_size  # numpy + PIL only
 from pipelines.images import same_size_batches  # numpy + PIL only
+from pipelines.meta import MetaError, ModelMeta  # standard library only
 
 METADATA_KEY = "segnext"  # ONNX metadata_props key holding the JSON below
 FORMAT = "segnext-onnx/1"
@@ -111,17 +112,19 @@ class OnnxSegmenter:
         them; None keeps what the export recorded). `threads`: onnxruntime intra-op threads."""
         self.path = Path(path)
         self.session = _open_session(self.path, threads, providers)
-        meta = read_metadata(self.path, self.session)
-        self.metadata = meta
-        self.class_names = list(meta["class_names"])
-        self.palette = [list(map(int, color)) for color in meta["palette"]]
-        self.ignore_index = int(meta.get("ignore_index", 255))
-        self.num_classes = len(self.class_names)
+        metadata = read_metadata(self.path, self.session)
+        self.metadata = metadata  # the export's JSON (also: source, opset, val_mIoU, ...)
+        self.meta = model_meta(self.path, metadata)
+        self.class_names = list(self.meta.class_names)
+        self.palette = [list(color) for color in self.meta.palette]
+        self.ignore_index = self.meta.ignore_index
+        self.num_classes = self.meta.num_classes
         self.mask_dtype = np.uint8 if self.num_classes <= 256 else np.int32
         self.input_name = self.session.get_inputs()[0].name
-        self.input_size = None if meta.get("input_size") is None else tuple(meta["input_size"])
+        size = metadata.get("input_size")
+        self.input_size = None if size is None else tuple(size)
         self.settings = _apply_overrides(
-            OnnxSettings.from_json(meta["settings"]), self.input_size, **overrides
+            OnnxSettings.from_json(metadata["settings"]), self.input_size, **overrides
         )
         shape = (1, 3, 1, 1)
         self._mean = np.asarray(self.settings.mean, dtype=np.float32).reshape(shape)
@@ -285,7 +288,32 @@ def read_metadata(path: Path, session: ort.InferenceSession) -> dict[str, Any]:
     meta = json.loads(text)
     if meta.get("format") != FORMAT:
         raise OnnxModelError(f"{path}: metadata format {meta.get('format')!r}, this reads {FORMAT}")
+    if not isinstance(meta.get("settings"), dict):
+        raise OnnxModelError(
+            f"{path}: {METADATA_KEY!r} metadata has no 'settings' object; export it again with "
+            "`segnext export`"
+        )
     return meta
+
+
+def model_meta(path: Path, metadata: dict[str, Any]) -> ModelMeta:
+    """The checkpoint's `ModelMeta` the export stored under "meta". Files exported before it
+    was stored carry its flat `ModelMeta.describe()` keys, with normalisation and crop in the
+    settings: those are read as they were, checked the same way."""
+    raw = metadata.get("meta")
+    if raw is None:
+        settings = metadata["settings"]
+        flat = ("variant", "num_classes", "classifier", "class_names", "palette", "ignore_index")
+        raw = {
+            **{key: metadata[key] for key in flat if key in metadata},
+            "mean": settings.get("mean"),
+            "std": settings.get("std"),
+            "crop_size": settings.get("crop_size"),
+        }
+    try:
+        return ModelMeta.from_dict(raw, source=str(path))
+    except MetaError as error:
+        raise OnnxModelError(f"{error} (in its {METADATA_KEY!r} metadata)") from None
 
 
 def load_onnx_segmenter(model: str | Path, **overrides: Any) -> OnnxSegmenter:

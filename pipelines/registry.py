@@ -29,6 +29,9 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipelines.meta import payload_meta
+from pipelines.metric_names import SCORE  # the checkpoint metric the champion is chosen by
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
@@ -36,7 +39,6 @@ if TYPE_CHECKING:
 
 CHAMPION = "champion"
 MODEL_NAME = "model"  # the logged model's name within the run
-METRIC_KEY = "val/mIoU"  # the checkpoint metric the champion is chosen by
 PYFUNC_FORMAT = "segnext-pyfunc/1"
 ENTRY_POINT = '''"""Pyfunc entry point of a SegNeXt model (written by pipelines.registry)."""
 import mlflow
@@ -114,12 +116,13 @@ def _describe_registered_model(client: Any, name: str, payload: dict[str, Any]) 
     and how its aliases move. Written once; a description someone edited is left alone."""
     if client.get_registered_model(name).description:
         return
-    meta = payload["meta"]
+    meta = payload_meta(payload)
+    more = ", ..." if meta.num_classes > 12 else ""
     client.update_registered_model(
         name,
         description=(
-            f"SegNeXt semantic segmentation, {meta['num_classes']} classes "
-            f"({', '.join(meta['class_names'][:12])}{', ...' if meta['num_classes'] > 12 else ''})."
+            f"SegNeXt semantic segmentation, {meta.num_classes} classes "
+            f"({', '.join(meta.class_names[:12])}{more})."
             f" @{CHAMPION} is the version with the best val mIoU so far; models:/{name}/latest is "
             "the newest. Each version's description says how it compared with the champion."
         ),
@@ -127,7 +130,7 @@ def _describe_registered_model(client: Any, name: str, payload: dict[str, Any]) 
 
 
 def _val_miou(payload: dict[str, Any]) -> float | None:
-    value = (payload.get("metrics") or {}).get(METRIC_KEY)
+    value = (payload.get("metrics") or {}).get(SCORE)
     return float(value) if value is not None and math.isfinite(float(value)) else None
 
 
@@ -193,13 +196,11 @@ def _input_example() -> Any:
 
 
 def _model_metadata(payload: dict[str, Any], score: float | None) -> dict[str, Any]:
-    from pipelines.checkpoint import describe_model
-
-    meta = payload["meta"]
+    meta = payload_meta(payload)
     return {
         "format": PYFUNC_FORMAT,
-        **describe_model(payload),
-        "crop_size": list(meta["crop_size"]),
+        **meta.describe(),
+        "crop_size": list(meta.crop_size),
         "iteration": int(payload.get("iteration", 0)),
         "val_mIoU": score,
     }
@@ -219,12 +220,12 @@ def _requirements() -> list[str]:
 
 
 def _version_tags(payload: dict[str, Any], run: Any, score: float | None) -> dict[str, str]:
-    meta, config = payload["meta"], payload.get("config") or {}
+    meta, config = payload_meta(payload), payload.get("config") or {}
     return {
         "dataset": _dataset(config),
-        "classes": json.dumps(list(meta["class_names"])),
-        "variant": str(meta["variant"]),
-        "classifier": str(meta["classifier"]),
+        "classes": json.dumps(list(meta.class_names)),
+        "variant": meta.variant,
+        "classifier": meta.classifier,
         "val_mIoU": "nan" if score is None else repr(score),  # exact: compared by later versions
         "run_id": run.info.run_id,
         "git_commit": _git_commit(run),
@@ -286,10 +287,10 @@ def _champion_verdict(client: Any, name: str, score: float | None) -> tuple[bool
 
 
 def _description(payload: dict[str, Any], run_id: str, verdict: str) -> str:
-    meta = payload["meta"]
+    meta = payload_meta(payload)
     return (
-        f"SegNeXt-{meta['variant']} ({meta['classifier']} classifier), "
-        f"{meta['num_classes']} classes, iteration {payload.get('iteration', '?')} of run "
+        f"SegNeXt-{meta.variant} ({meta.classifier} classifier), "
+        f"{meta.num_classes} classes, iteration {payload.get('iteration', '?')} of run "
         f"{run_id}. {verdict}"
     )
 

@@ -58,8 +58,14 @@ from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, INVALID_PARAMETER_VA
 from PIL import Image
 
 from data.transforms import rescaled_size
-from pipelines.checkpoint import load_checkpoint, model_from_checkpoint
+from pipelines.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    model_from_checkpoint,
+    payload_meta,
+)
 from pipelines.images import picture_to_rgb, same_size_batches
+from pipelines.meta import EvalMeta
 from pipelines.threads import set_torch_threads
 from segnext.inference import predict_logits
 
@@ -108,24 +114,26 @@ def settings_from_checkpoint(
     tta: bool = False,
     batch_size: int | None = None,
 ) -> InferenceSettings:
-    """Settings from the checkpoint's meta and training config; keyword arguments override."""
-    meta, config = payload["meta"], payload.get("config") or {}
-    crop = _pair(crop_size) or _pair(config.get("eval.crop")) or _pair(meta["crop_size"])
+    """Settings from the checkpoint's meta (its eval settings; for checkpoints written before
+    those, the training config's); keyword arguments override."""
+    meta = payload_meta(payload)
+    run = meta.eval or EvalMeta.from_flat_config(payload.get("config") or {})
+    crop = _pair(crop_size) or run.crop or meta.crop_size
     default_stride = (max(1, crop[0] * 2 // 3), max(1, crop[1] * 2 // 3))
-    if mode is None:
-        mode = "slide" if config.get("eval.mode") == "slide" else "auto"
+    if mode is None:  # training validated whole images; serving still slides over big ones
+        mode = "slide" if run.mode == "slide" else "auto"
     if mode not in ("auto", "whole", "slide"):
         raise ValueError(f"mode must be auto, whole or slide, got {mode!r}")
     return InferenceSettings(
-        mean=tuple(float(v) for v in meta["mean"]),
-        std=tuple(float(v) for v in meta["std"]),
+        mean=meta.mean,
+        std=meta.std,
         crop_size=crop,
-        stride=_pair(stride) or _pair(config.get("eval.stride")) or default_stride,
+        stride=_pair(stride) or run.stride or default_stride,
         mode=mode,
-        scale=_pair(config.get("data.scale")),
+        scale=run.scale,
         scales=TTA_SCALES if tta else (1.0,),
         flip=tta,
-        batch_size=batch_size or int(config.get("eval.batch_size") or 4),
+        batch_size=batch_size or run.batch_size,
     )
 
 
@@ -159,13 +167,13 @@ class Segmenter:
         cls, payload: dict[str, Any], *, device: str | None = None, **overrides: Any
     ) -> Segmenter:
         """`overrides`: the keywords of `settings_from_checkpoint` (mode, crop_size, ...)."""
-        meta = payload["meta"]
+        meta = payload_meta(payload)
         return cls(
             model_from_checkpoint(payload),
             settings_from_checkpoint(payload, **overrides),
-            class_names=meta["class_names"],
-            palette=meta["palette"],
-            ignore_index=int(meta.get("ignore_index", 255)),
+            class_names=meta.class_names,
+            palette=meta.palette,
+            ignore_index=meta.ignore_index,
             device=device,
         )
 
@@ -258,8 +266,19 @@ def load_segmenter(model: str | Path, *, device: str | None = None, **overrides:
     """A Segmenter for any reference `resolve_model` takes. The checkpoint is read with
     weights_only=True (no pickle), and `overrides` (the keywords of `settings_from_checkpoint`)
     replace the settings the training run recorded."""
-    payload = load_checkpoint(resolve_model(model).checkpoint)
+    payload = load_source(resolve_model(model))
     return Segmenter.from_checkpoint(payload, device=device, **overrides)
+
+
+def load_source(source: ModelSource) -> dict[str, Any]:
+    """`load_checkpoint` of a resolved reference; errors name the reference the user gave
+    (`models:/segnext@champion`), not only the file MLflow downloaded."""
+    try:
+        return load_checkpoint(source.checkpoint)
+    except CheckpointError as error:
+        if str(source.reference) in str(error):
+            raise
+        raise CheckpointError(f"{source.reference}: {error}") from None
 
 
 # ------------------------------------------------------------------------------ pyfunc flavour

@@ -24,19 +24,19 @@ import numpy as np  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from pipelines.metric_names import metric_name  # noqa: E402, F401 (re-exported)
+
 RUN_NAME_TAG = "segnext.ray_run_name"
 MAX_BATCH = 100  # MLflow's per-call limit for params and tags
+DESCRIPTION_TAG = "mlflow.note.content"  # what the run page shows as its Description
+MAX_TAG_CHARS = 8000  # MLflow's limit on a tag value
+OUTCOME_HEADING = "\n### "  # the outcome's section: replaced when a resumed run ends again
 
 
 def project_root() -> Path:
     """The source checkout (for an editable install) or else the current folder."""
     root = Path(__file__).resolve().parents[1]
     return root if (root / "pyproject.toml").is_file() else Path.cwd()
-
-
-def metric_name(text: str) -> str:
-    """A metric key MLflow accepts: letters, digits, _ - . / and spaces; anything else -> _."""
-    return "".join(c if c.isalnum() or c in "_-. /" else "_" for c in text)
 
 
 def resolve_tracking_uri(configured: str | None = None) -> str:
@@ -125,6 +125,89 @@ def set_tags(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:
     items = [RunTag(key, str(value)) for key, value in tags.items()]
     for start in range(0, len(items), MAX_BATCH):
         client.log_batch(run_id, tags=items[start : start + MAX_BATCH])
+
+
+def set_description(client: MlflowClient, run_id: str, markdown: str) -> None:
+    """The Description on the run page (markdown): MLflow keeps it as a tag."""
+    if len(markdown) > MAX_TAG_CHARS:
+        markdown = markdown[: MAX_TAG_CHARS - 4] + "\n..."
+    client.set_tag(run_id, DESCRIPTION_TAG, markdown)
+
+
+def description(client: MlflowClient, run_id: str) -> str:
+    """The run's current Description ("" when it has none)."""
+    return client.get_run(run_id).data.tags.get(DESCRIPTION_TAG, "")
+
+
+def training_description(cfg, *, run_name: str, num_params: int, train_samples: int) -> str:
+    """What a training run trains, on what and how long: the run page's Description while it
+    runs (`finished_description` adds the outcome)."""
+    workers = str(cfg.ray.num_workers)
+    if cfg.ray.min_workers is not None:
+        workers = f"{cfg.ray.min_workers}-{cfg.ray.num_workers} (elastic)"
+    splits = ", ".join(f"`{split}`" for split in cfg.data.train_splits)
+    lines = [
+        f"**SegNeXt-{cfg.model.variant}, {cfg.model.classifier} classifier**: "
+        f"{cfg.model.num_classes} classes, {num_params / 1e6:.2f} M parameters.",
+        "",
+        f"- Data: `{cfg.data.root}`; trained on {splits} ({train_samples} images), "
+        f"validated on `{cfg.data.val_split}`",
+        f"- Schedule: {cfg.schedule.iterations} iterations, global batch "
+        f"{cfg.train.global_batch_size}, lr {cfg.optim.lr:g}, validation every "
+        f"{cfg.train.val_every} iterations",
+        f"- Ray Train: {workers} {'GPU' if cfg.ray.use_gpu else 'CPU'} worker(s); run "
+        f"`{run_name}` in `{cfg.run.storage_path}`",
+    ]
+    if cfg.model.init_from:
+        lines.append(f"- Starts from `{cfg.model.init_from}` ({cfg.model.init_part})")
+    return "\n".join(lines)
+
+
+def finished_description(
+    opening: str,
+    *,
+    iteration: int,
+    best_val_miou: float | None,
+    best_checkpoint: str | None,
+    model_uri: str | None,
+    data_root: str,
+    val_split: str,
+    tracking_uri: str,
+) -> str:
+    """`opening` (the running Description) plus the outcome and the commands that use it."""
+    lines = [_opening(opening), "", f"### Result (iteration {iteration})", ""]
+    if best_val_miou is None:
+        lines.append("- No validation score was reported: no best checkpoint to use.")
+        return "\n".join(lines)
+    lines.append(f"- Best val mIoU: **{best_val_miou:.4f}** (`{val_split}`), checkpoint "
+                 f"`{best_checkpoint}`")
+    if model_uri:
+        lines.append(f"- Registered model: `{model_uri}`")
+    lines += next_commands(model_uri or best_checkpoint, data_root=data_root, val_split=val_split,
+                           tracking_uri=tracking_uri)
+    return "\n".join(lines)
+
+
+def next_commands(model: str, *, data_root: str, val_split: str, tracking_uri: str) -> list[str]:
+    """Markdown list items: evaluate, predict with and export `model` (a registered model URI
+    names its store unless that is the default one)."""
+    uri_flag = ""
+    if model.startswith("models:/") and tracking_uri != resolve_tracking_uri(None):
+        uri_flag = f" --tracking-uri {tracking_uri}"
+    return [
+        f"- Evaluate: `segnext eval --model {model} --data {data_root} --split {val_split}{uri_flag}`",
+        f"- Predict: `segnext predict --model {model} --input IMAGES --out OUT_DIR{uri_flag}`",
+        f"- Export: `segnext export --model {model} --out model.onnx{uri_flag}`",
+    ]
+
+
+def failed_description(opening: str, message: str) -> str:
+    """`opening` plus why the run stopped (a problem the workers found, not retried)."""
+    return f"{_opening(opening)}\n\n### Failed\n\n{message}"
+
+
+def _opening(text: str) -> str:
+    return text.split(OUTCOME_HEADING)[0].rstrip()
 
 
 def _param_value(value: Any) -> str:

@@ -14,13 +14,17 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipelines.cluster import WORKER_ENV, init_ray
 from pipelines.config import ConfigError, ExperimentConfig, load_config, to_dict, to_yaml
 
-SCORE = "val/mIoU"
-CURVES = ("train/loss", "val/mIoU", "val/aAcc", "perf/images_per_s")
+if TYPE_CHECKING:
+    from data.stream import TrainStream
+    from pipelines.meta import ModelMeta
+from pipelines.metric_names import SCORE
+
+CURVES = ("train/loss", SCORE, "val/aAcc", "perf/images_per_s")
 
 
 @dataclass
@@ -33,6 +37,7 @@ class TrainResult:
     metrics: dict[str, Any] = field(default_factory=dict)  # last reported metrics
     iteration: int = 0
     start_iteration: int = 0  # > 0 when the last attempt resumed from a checkpoint
+    world_size: int = 0  # workers of the last attempt (an elastic run may end with fewer)
     registered_version: str | None = None  # model registry version of the best checkpoint
     skipped: dict[str, int] = field(default_factory=dict)  # split -> samples left out (on_error)
     tracking_uri: str = ""
@@ -46,9 +51,10 @@ class Prepared:
     """What the driver resolved before starting workers."""
 
     cfg: ExperimentConfig  # with absolute local paths
-    meta: dict[str, Any]  # checkpoint meta (classes, palette, normalisation, model)
+    meta: ModelMeta  # checkpoint meta (classes, palette, normalisation, model, eval settings)
     num_params: int
     train_samples: int
+    stream: TrainStream  # the indexed training samples and their batch plan
 
 
 # ---------------------------------------------------------------------------------- CLI
@@ -180,6 +186,8 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
     from data.transforms import MEAN, STD
     from pipelines import storage
     from pipelines.checkpoint import build_meta
+    from pipelines.config import to_flat_dict
+    from pipelines.meta import EvalMeta
     from pipelines.train_loop import build_model
 
     storage.configure_endpoint(cfg.storage.endpoint)
@@ -207,14 +215,8 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
             raise ConfigError(
                 f"data.{key} = {value!r} is not in {root} (splits: {sorted(manifest.splits)})"
             )
-    _check_shards_present(manifest, [*cfg.data.train_splits, cfg.data.val_split], cfg.data.on_error)
-    train_samples = sum(manifest.num_samples(split) for split in cfg.data.train_splits)
-    if train_samples // cfg.ray.num_workers < cfg.micro_batch_size:
-        raise ConfigError(
-            f"data.train_split {cfg.data.train_split!r} has {train_samples} "
-            f"samples: fewer than one batch of {cfg.micro_batch_size} per worker for "
-            f"{cfg.ray.num_workers} workers; lower train.global_batch_size or ray.num_workers"
-        )
+    _check_shards_present(manifest, [cfg.data.val_split], cfg.data.on_error)
+    stream = _train_stream(cfg, root)
     pretrained = cfg.model.pretrained
     if pretrained and _is_local(pretrained):
         pretrained = _absolute(pretrained)
@@ -249,17 +251,57 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
         mean=list(MEAN),
         std=list(STD),
         crop_size=cfg.data.crop_size,
+        eval=EvalMeta.from_flat_config(to_flat_dict(cfg)),
     )
     return Prepared(cfg=cfg, meta=meta, num_params=sum(p.numel() for p in model.parameters()),
-                    train_samples=train_samples)
+                    train_samples=len(stream.index), stream=stream)
+
+
+def _train_stream(cfg: ExperimentConfig, root: str) -> TrainStream:
+    """Index the training samples (every shard opened, every sample located) and plan the
+    global batches; refuse worker counts that cannot share a step evenly."""
+    from data.samples import SampleReadError
+    from data.stream import build_train_stream
+
+    try:
+        stream = build_train_stream(
+            root, cfg.data.train_splits, crop_size=tuple(cfg.data.crop_size),
+            global_batch_size=cfg.train.global_batch_size,
+            micro_batch_size=cfg.micro_batch_size,
+            scale=tuple(cfg.data.scale) if cfg.data.scale else None,
+            ratio_range=tuple(cfg.data.ratio_range), cat_max_ratio=cfg.data.cat_max_ratio,
+            seed=cfg.train.seed, on_error=cfg.data.on_error, read_cpus=cfg.data.read_cpus,
+        )
+    except SampleReadError as error:
+        raise ConfigError(str(error)) from error
+    except ValueError as error:  # the plan: too few samples for one global batch
+        raise ConfigError(
+            f"data.train_split {cfg.data.train_split!r}: {error}; lower "
+            "train.global_batch_size or add samples"
+        ) from error
+    for world in worker_counts(cfg):
+        try:
+            stream.plan.accumulation(world)
+        except ValueError as error:
+            raise ConfigError(
+                f"ray.num_workers / ray.min_workers: {error} (train.global_batch_size "
+                f"{cfg.train.global_batch_size}, micro-batch {cfg.micro_batch_size})"
+            ) from error
+    return stream
+
+
+def worker_counts(cfg: ExperimentConfig) -> range:
+    """Every worker count the run may have: one, or min..max for an elastic run."""
+    low = cfg.ray.num_workers if cfg.ray.min_workers is None else cfg.ray.min_workers
+    return range(low, cfg.ray.num_workers + 1)
 
 
 def _check_shards_present(manifest, splits: list[str], on_error: str) -> None:
     """Every shard the run will read exists with its manifest size (a stat each, local or
     object store): a missing shard stops the run here, not in a read task hours later. Under
     `data.on_error: skip` the run may start with shards missing; they are counted then."""
+    from data.sample_index import checked_shards
     from data.samples import SampleReadError
-    from data.stream import checked_shards
 
     try:
         checked_shards(manifest, splits, record=(lambda entries: None) if on_error == "skip" else None)
@@ -271,19 +313,26 @@ def _check_shards_present(manifest, splits: list[str], on_error: str) -> None:
 
 
 def _open_mlflow_run(client, experiment_id, cfg, prepared, run_name, *, parent_run_id, tags):
-    """Continue the MLflow run of this Ray run if there is one, else create it with params."""
+    """Continue the MLflow run of this Ray run if there is one, else create it with params;
+    either way its Description says what this attempt trains (`_finish` adds the outcome)."""
     import ray
     import torch
 
     from pipelines import tracking
     from pipelines.config import to_flat_dict
 
+    opening = tracking.training_description(cfg, run_name=run_name, num_params=prepared.num_params,
+                                            train_samples=prepared.train_samples)
+    if parent_run_id:
+        opening += f"\n- Nested under MLflow run `{parent_run_id}`"
     run_id = tracking.find_run(client, experiment_id, run_name)
     if run_id is not None:
         client.update_run(run_id, status="RUNNING")
+        tracking.set_description(client, run_id, opening + "\n- Resumed from its latest checkpoint")
         print(f"[segnext] continuing MLflow run {run_id}", flush=True)
         return run_id
     all_tags = {
+        tracking.DESCRIPTION_TAG: opening,
         "mlflow.source.git.commit": tracking.git_commit(),
         "ray.version": ray.__version__,
         "torch.version": torch.__version__,
@@ -296,7 +345,7 @@ def _open_mlflow_run(client, experiment_id, cfg, prepared, run_name, *, parent_r
                                 parent_run_id=parent_run_id)
     tracking.log_params(client, run_id, to_flat_dict(cfg))
     client.log_text(run_id, to_yaml(cfg), "config.yaml")
-    client.log_dict(run_id, prepared.meta, "dataset_meta.json")
+    client.log_dict(run_id, prepared.meta.to_dict(), "dataset_meta.json")
     return run_id
 
 
@@ -304,40 +353,28 @@ def _fit(cfg, prepared, run_name, storage_path, callbacks, *, tracking_uri, run_
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from data.stream import build_dataset, configure_data_context
+    from data.stream import configure_data_context
     from pipelines import storage as run_storage
+    from pipelines.train_loop import WorkerArgs
 
-    configure_data_context(progress_bars=False)  # the context travels with the datasets
-
-    # Only the train split streams through Ray Data; validation reads its split on the workers
-    # (pipelines.validation), at original size, as `segnext eval` does.
-    datasets = {
-        "train": build_dataset(
-            cfg.data.root, cfg.data.train_splits, train=True,
-            crop_size=tuple(cfg.data.crop_size),
-            scale=tuple(cfg.data.scale) if cfg.data.scale else None,
-            ratio_range=tuple(cfg.data.ratio_range), cat_max_ratio=cfg.data.cat_max_ratio,
-            seed=cfg.train.seed, epochs=cfg.data.stream_epochs, on_error=cfg.data.on_error,
-            read_cpus=cfg.data.read_cpus,
-        ),
-    }
-    loop_config = {
-        "experiment": to_dict(cfg),
-        "meta": prepared.meta,
-        "tracking_uri": tracking_uri,
-        "run_id": run_id,
-        "train_samples": prepared.train_samples,
-        "fault_marker": _fault_marker(storage_path, run_name, run_id),
-    }
+    configure_data_context(progress_bars=False)
+    # Each worker streams its own share of the batch plan (data.stream.TrainStream), and
+    # validation reads its split on the workers (pipelines.validation), at original size.
+    args = WorkerArgs(
+        experiment=to_dict(cfg), meta=prepared.meta, stream=prepared.stream,
+        tracking_uri=tracking_uri, run_id=run_id,
+        fault_marker=_fault_marker(storage_path, run_name, run_id),
+    )
     resources = worker_resources(cfg)
     storage_fs, storage_fs_path = run_storage.resolve(storage_path)
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config=loop_config,
+        train_loop_config={"args": args},
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+            num_workers=_scaling_workers(cfg), use_gpu=cfg.ray.use_gpu,
             resources_per_worker=resources,
+            elastic_resize_monitor_interval_s=cfg.ray.resize_interval_s,
         ),
         run_config=ray.train.RunConfig(
             name=run_name,
@@ -357,9 +394,15 @@ def _fit(cfg, prepared, run_name, storage_path, callbacks, *, tracking_uri, run_
             },
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
-        datasets=datasets,
     )
     return trainer.fit()
+
+
+def _scaling_workers(cfg: ExperimentConfig) -> int | tuple[int, int]:
+    """Ray Train V2's worker count: fixed, or (min, max) for an elastic run."""
+    if cfg.ray.min_workers is None:
+        return cfg.ray.num_workers
+    return (cfg.ray.min_workers, cfg.ray.num_workers)
 
 
 def worker_resources(cfg: ExperimentConfig) -> dict[str, float]:
@@ -390,6 +433,8 @@ def _finish(cfg, client, tracking_uri, run_id, run_name, result) -> TrainResult:
             best_path, best_score = uri_of(checkpoint.filesystem, checkpoint.path), float(score)
     returned = result.return_value or {}
     if returned.get("fatal"):  # ended by the workers without a retry: a configuration problem
+        tracking.set_description(client, run_id, tracking.failed_description(
+            tracking.description(client, run_id), returned["fatal"]))
         client.set_terminated(run_id, status="FAILED")
         raise ConfigError(f"run {run_name}: {returned['fatal']}")
     skipped = _log_skipped(cfg, client, run_id, returned)
@@ -409,6 +454,12 @@ def _finish(cfg, client, tracking_uri, run_id, run_name, result) -> TrainResult:
         version = str(register_checkpoint(best_path, run_id=run_id, tracking_uri=tracking_uri,
                                           registry_name=cfg.registry.name).version)
         print(f"[segnext] registered {cfg.registry.name} version {version}", flush=True)
+    model_uri = f"models:/{cfg.registry.name}/{version}" if version else None
+    iteration = int(returned.get("iteration", 0))
+    tracking.set_description(client, run_id, tracking.finished_description(
+        tracking.description(client, run_id), iteration=iteration, best_val_miou=best_score,
+        best_checkpoint=best_path, model_uri=model_uri, data_root=cfg.data.root,
+        val_split=cfg.data.val_split, tracking_uri=tracking_uri))
     client.set_terminated(run_id, status="FINISHED")
     return TrainResult(
         run_name=run_name,
@@ -417,12 +468,13 @@ def _finish(cfg, client, tracking_uri, run_id, run_name, result) -> TrainResult:
         best_checkpoint=best_path,
         best_val_miou=best_score,
         metrics=dict(result.metrics or {}),
-        iteration=int(returned.get("iteration", 0)),
+        iteration=iteration,
         start_iteration=int(returned.get("start_iteration", 0)),
+        world_size=int(returned.get("world_size", 0)),
         registered_version=version,
         skipped=skipped,
         tracking_uri=tracking_uri,
-        model_uri=f"models:/{cfg.registry.name}/{version}" if version else None,
+        model_uri=model_uri,
         data_root=cfg.data.root,
         val_split=cfg.data.val_split,
     )
@@ -433,7 +485,8 @@ def _log_skipped(cfg, client, run_id: str, returned: dict[str, Any]) -> dict[str
 
     The train count comes from the stream's ledger (every pass counts again, so it is the sum
     over the passes streamed); the val count is that of the last validation."""
-    from data.stream import skipped_samples, split_label
+    from data.sample_index import split_label
+    from data.stream import skipped_samples
     from pipelines.tracking import metric_name
 
     train = split_label(cfg.data.train_splits)

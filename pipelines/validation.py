@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from data.sample_index import checked_shards
 from data.samples import FIX_HINT, SamplePipeline, SampleReadError
 from data.shards import Manifest
-from data.stream import OnError, SkipTally, checked_shards
+from data.stream import OnError, SkipTally
 
 if TYPE_CHECKING:
     from pipelines.serving import Segmenter

@@ -94,23 +94,23 @@ def check_source(source: str, part: str, model: nn.Module) -> None:
         payload = load_checkpoint(source)
     except CheckpointError as error:
         raise ConfigError(f"model.init_from: {error}") from None
-    meta = payload["meta"]
+    meta = payload["meta"]  # a ModelMeta, checked by load_checkpoint
     if part == "model":
-        for key, ours in (
-            ("num_classes", model.num_classes),
-            ("variant", model.variant),
-            ("classifier", model.classifier_kind),
+        for key, theirs, ours in (
+            ("num_classes", meta.num_classes, model.num_classes),
+            ("variant", meta.variant, model.variant),
+            ("classifier", meta.classifier, model.classifier_kind),
         ):
-            if meta.get(key) != ours:
+            if theirs != ours:
                 raise ConfigError(
-                    f"model.init_from {source} has {key} {meta.get(key)!r}, this run "
+                    f"model.init_from {source} has {key} {theirs!r}, this run "
                     f"{ours!r}: the whole model cannot be taken; set model.init_part=encoder "
                     "to take its encoder only, or start from a matching checkpoint"
                 )
-    elif meta.get("variant") != model.variant:
+    elif meta.variant != model.variant:
         raise ConfigError(
-            f"model.init_from {source} is SegNeXt-{meta.get('variant')}, this run "
-            f"SegNeXt-{model.variant}: set model.variant={meta.get('variant')} to take its encoder"
+            f"model.init_from {source} is SegNeXt-{meta.variant}, this run "
+            f"SegNeXt-{model.variant}: set model.variant={meta.variant} to take its encoder"
         )
     try:
         apply_weights(model, payload["model"], part)

@@ -66,15 +66,20 @@ def integrate(
     """Log of P(c) ∝ sigmoid(g_c) * softmax_{top-k}(r)_c, normalised over c.
 
     Pointwise in space, so callers may resize `g` and `r` first and integrate at any resolution.
-    Returns (log integrated probabilities, candidate mask or None). Classes outside the
-    candidate set get log-probabilities near MASKED_LOGIT (probability 0, finite).
+    Returns (log integrated probabilities (B,K,...), candidate indices (B,k,...) or None = all
+    classes). Classes outside the candidate set get exactly MASKED_LOGIT (probability 0,
+    finite). The softmaxes run on the k candidates only, not on all K classes (at full image
+    size on the CPU this is about a third cheaper for K = 11, k = 3).
     """
-    candidates = candidate_mask(general_logits, top_k)
-    if candidates is not None:
-        refine_logits = refine_logits.masked_fill(~candidates, MASKED_LOGIT)
-    log_p_ref = F.log_softmax(refine_logits, dim=1)
-    log_probs = F.log_softmax(F.logsigmoid(general_logits) + log_p_ref, dim=1)
-    return log_probs, candidates
+    num_classes = general_logits.shape[1]
+    if not top_k or top_k >= num_classes:
+        log_p_ref = F.log_softmax(refine_logits, dim=1)
+        return F.log_softmax(F.logsigmoid(general_logits) + log_p_ref, dim=1), None
+    top_general, index = general_logits.topk(top_k, dim=1)
+    top_refine = refine_logits.gather(1, index)
+    log_probs = F.log_softmax(F.logsigmoid(top_general) + F.log_softmax(top_refine, 1), dim=1)
+    full = torch.full_like(general_logits, MASKED_LOGIT, dtype=log_probs.dtype)
+    return full.scatter(1, index, log_probs), index
 
 
 def prior_bias(num_classes: int, prior: Sequence[float] | None = None) -> torch.Tensor:

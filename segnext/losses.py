@@ -1,7 +1,10 @@
 """Training losses for the two classifiers.
 
-Classifier outputs come at stride 8; like the official SegNeXt, each loss resizes them
-bilinearly (align_corners=False) to the mask size first, once per tensor.
+Classifier outputs come at stride 8. With `resolution="mask"` (the default, like the official
+SegNeXt) each loss resizes them bilinearly (align_corners=False) to the mask size first, once
+per tensor; with `resolution="logits"` the masks are instead sampled (nearest, pixel centres)
+down to the logits' size, and the loss runs on 64x fewer pixels (cheaper; thin objects lose
+supervision: a 3-pixel pole is sampled in about 3 of every 8 columns).
 
 `average` picks the normaliser of every per-pixel sum: "valid" divides by the number of
 non-ignored pixels (the sane default), "all" by all pixels, ignored ones included (the
@@ -16,9 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segnext.classifier import MASKED_LOGIT, integrate
-
 AVERAGES = ("valid", "all")
+RESOLUTIONS = ("mask", "logits")
 DEFAULT_WEIGHTS = {"general": 1.0, "refine": 1.0, "variance": 0.1}
 
 LossOutput = tuple[torch.Tensor, dict[str, torch.Tensor]]
@@ -49,15 +51,49 @@ def check_masks(masks: torch.Tensor, num_classes: int, ignore_index: int) -> tor
     return masks.long()
 
 
-class _PixelLoss(nn.Module):
-    """Shared ignore/average handling: per-pixel weights that sum to the chosen average."""
+def downsample_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Masks (B,H,W) sampled at the pixel centres of a `size` grid (nearest, no blending).
 
-    def __init__(self, ignore_index: int = 255, average: str = "valid") -> None:
+    "nearest-exact" maps output pixel i to input floor((i + 0.5) * H / h), the input pixel under
+    the output pixel's centre: the same geometry as the bilinear align_corners=False resizing
+    of the logits, so a stride-8 logit is scored against the label under its own centre.
+    """
+    if tuple(masks.shape[-2:]) == tuple(size):
+        return masks
+    sampled = F.interpolate(masks[:, None].float(), size=size, mode="nearest-exact")
+    return sampled[:, 0].to(masks.dtype)
+
+
+class _PixelLoss(nn.Module):
+    """Shared ignore/average/resolution handling and the training progress.
+
+    `set_progress(iteration)` tells the loss how many optimizer steps are done, for losses
+    whose weights depend on it (the integrated loss's warm-up); a no-op for the others, so the
+    training loop may call it for every head.
+    """
+
+    def __init__(
+        self, ignore_index: int = 255, average: str = "valid", resolution: str = "mask"
+    ) -> None:
         super().__init__()
         if average not in AVERAGES:
             raise ValueError(f"average must be one of {AVERAGES}, got {average!r}")
+        if resolution not in RESOLUTIONS:
+            raise ValueError(f"resolution must be one of {RESOLUTIONS}, got {resolution!r}")
         self.ignore_index = ignore_index
         self.average = average
+        self.resolution = resolution
+        self.iteration = 0
+
+    def set_progress(self, iteration: int) -> None:
+        """Optimizer steps completed before the coming forward (0 for the first step)."""
+        if iteration < 0:
+            raise ValueError(f"iteration must be >= 0, got {iteration}")
+        self.iteration = int(iteration)
+
+    def loss_size(self, logits: torch.Tensor, masks: torch.Tensor) -> tuple[int, int]:
+        """Where the loss is computed: the mask's size or the logits' own."""
+        return tuple(masks.shape[-2:] if self.resolution == "mask" else logits.shape[-2:])
 
     def pixel_weights(self, valid: torch.Tensor) -> torch.Tensor:
         """1/N on valid pixels and 0 on ignored ones; N per `average` (at least 1)."""
@@ -69,8 +105,9 @@ class CrossEntropyCriterion(_PixelLoss):
     """Official SegNeXt loss: softmax cross-entropy on resized logits, ignore index excluded."""
 
     def forward(self, outputs: Mapping[str, torch.Tensor], masks: torch.Tensor) -> LossOutput:
-        logits = resize_to(outputs["logits"], masks.shape[-2:])
-        masks = check_masks(masks, logits.shape[1], self.ignore_index)
+        size = self.loss_size(outputs["logits"], masks)
+        logits = resize_to(outputs["logits"], size)
+        masks = downsample_masks(check_masks(masks, logits.shape[1], self.ignore_index), size)
         valid = masks != self.ignore_index
         ce = F.cross_entropy(logits, masks, ignore_index=self.ignore_index, reduction="none")
         loss = (ce * self.pixel_weights(valid)).sum()
@@ -90,6 +127,15 @@ class IntegratedCriterion(_PixelLoss):
     L_var: minus the population variance of the top `variance_top_k` integrated probabilities.
     Default weights 1.0 / 1.0 / 0.1: the two classifiers equal, the regulariser (whose range is
     at most 0.25) a gentle push. `top_k` must equal the IntegratedClassifier's.
+
+    `warmup_iters` > 0 ramps w_ref and w_var linearly from 0 (iteration 0) to their values
+    (iteration `warmup_iters`; see `set_progress`): the refinement decides among the general
+    classifier's candidates, which are noise until the general classifier has learnt a little.
+
+    Everything after the top-k runs on the k candidates only (B,k,H,W), not on all K classes:
+    the integrated probability of a class outside the candidates is exactly 0, so the softmaxes,
+    the refinement's cross-entropy and the variance lose nothing (equal to the K-class form
+    with non-candidates masked to MASKED_LOGIT, up to float rounding) and cost about 2.5x less.
     """
 
     def __init__(
@@ -99,42 +145,79 @@ class IntegratedCriterion(_PixelLoss):
         weights: Mapping[str, float] | None = None,
         top_k: int | None = 3,
         variance_top_k: int = 3,
+        resolution: str = "mask",
+        warmup_iters: int = 0,
     ) -> None:
-        super().__init__(ignore_index, average)
+        super().__init__(ignore_index, average, resolution)
         if variance_top_k < 2:
             raise ValueError(f"variance_top_k must be >= 2 (a variance), got {variance_top_k}")
+        if warmup_iters < 0:
+            raise ValueError(f"warmup_iters must be >= 0 (0: no warm-up), got {warmup_iters}")
         self.weights = _resolve_weights(weights)
         self.top_k = top_k
         self.variance_top_k = variance_top_k
+        self.warmup_iters = warmup_iters
+
+    def ramp(self) -> float:
+        """The warm-up factor of w_ref and w_var at the current iteration, in [0, 1]."""
+        if self.warmup_iters == 0:
+            return 1.0
+        return min(1.0, self.iteration / self.warmup_iters)
 
     def forward(self, outputs: Mapping[str, torch.Tensor], masks: torch.Tensor) -> LossOutput:
-        size = masks.shape[-2:]
+        size = self.loss_size(outputs["general_logits"], masks)
         general_logits = resize_to(outputs["general_logits"], size)
         refine_logits = resize_to(outputs["refine_logits"], size)
         num_classes = general_logits.shape[1]
-        masks = check_masks(masks, num_classes, self.ignore_index)
+        masks = downsample_masks(check_masks(masks, num_classes, self.ignore_index), size)
         valid = masks != self.ignore_index
         weight = self.pixel_weights(valid)
         target = masks.masked_fill(~valid, 0).unsqueeze(1)
 
         # BCE-with-logits summed over classes: sum_c softplus(g_c) - g_target (no one-hot).
-        bce = F.softplus(general_logits).sum(1) - general_logits.gather(1, target).squeeze(1)
+        general_target = general_logits.gather(1, target).squeeze(1)
+        bce = F.softplus(general_logits).sum(1) - general_target
         general = (bce * weight).sum()
 
-        # Integrate at mask resolution (as IntegratedClassifier.resize_logits does in eval).
-        log_probs, candidates = integrate(general_logits, refine_logits, self.top_k)
-        if candidates is not None:
-            keep = candidates.scatter(1, target, True)
-            refine_logits = refine_logits.masked_fill(~keep, MASKED_LOGIT)
-        nll = torch.logsumexp(refine_logits, 1) - refine_logits.gather(1, target).squeeze(1)
-        refine = (nll * weight).sum()
+        # The candidates' logits (B,k,H,W); the integration at this resolution, as
+        # IntegratedClassifier.resize_logits does in eval.
+        refine_target = refine_logits.gather(1, target).squeeze(1)
+        if self.top_k and self.top_k < num_classes:
+            general_logits, index = general_logits.topk(self.top_k, dim=1)
+            refine_logits = refine_logits.gather(1, index)
+            target_is_candidate = (index == target).any(1)
+        else:
+            target_is_candidate = None
+        log_probs = F.log_softmax(
+            F.logsigmoid(general_logits) + F.log_softmax(refine_logits, dim=1), dim=1
+        )
 
-        k = min(self.variance_top_k, num_classes)
-        top = log_probs.topk(k, dim=1).values.exp()
-        variance = -(top.var(dim=1, correction=0) * weight).sum()
+        # Refinement CE over the candidates plus the true class (added where it is missing).
+        normaliser = torch.logsumexp(refine_logits, 1)
+        if target_is_candidate is not None:
+            normaliser = torch.where(
+                target_is_candidate, normaliser, torch.logaddexp(normaliser, refine_target)
+            )
+        refine = ((normaliser - refine_target) * weight).sum()
 
-        w = self.weights
-        loss = w["general"] * general + w["refine"] * refine + w["variance"] * variance
+        # Variance of the top-v integrated probabilities; classes beyond the k candidates are 0.
+        probs = log_probs.exp()
+        v = min(self.variance_top_k, num_classes)
+        if v < probs.shape[1]:
+            probs = probs.topk(v, dim=1).values
+        elif v > probs.shape[1]:
+            zeros = probs.new_zeros(probs.shape[0], v - probs.shape[1], *probs.shape[2:])
+            probs = torch.cat([probs, zeros], 1)
+        # Population variance by hand: Tensor.var over dim 1 is ~40x slower on the CPU here.
+        spread = (probs - probs.mean(1, keepdim=True)).square().mean(1)
+        variance = -(spread * weight).sum()
+
+        w, ramp = self.weights, self.ramp()
+        loss = (
+            w["general"] * general
+            + ramp * w["refine"] * refine
+            + ramp * w["variance"] * variance
+        )
         parts = {"general": general, "refine": refine, "variance": variance}
         return loss, {name: value.detach() for name, value in parts.items()}
 
@@ -162,15 +245,21 @@ def build_criterion(
     weights: Mapping[str, float] | None = None,
     top_k: int | None = 3,
     variance_top_k: int = 3,
+    resolution: str = "mask",
+    warmup_iters: int = 0,
 ) -> nn.Module:
     """Loss for `classifier` ("standard" or "integrated"): `(outputs, masks) -> (loss, parts)`.
 
-    `weights`, `top_k` and `variance_top_k` belong to the integrated loss; the standard loss
-    validates `weights` and otherwise ignores them, so one config drives both heads.
+    `resolution` ("mask" or "logits") applies to both. `weights`, `top_k`, `variance_top_k`
+    and `warmup_iters` belong to the integrated loss; the standard loss validates `weights`
+    and otherwise ignores them, so one config drives both heads. Both have
+    `set_progress(iteration)`, to be called before each step's forward.
     """
     if classifier == "standard":
         _resolve_weights(weights)
-        return CrossEntropyCriterion(ignore_index, average)
+        return CrossEntropyCriterion(ignore_index, average, resolution)
     if classifier == "integrated":
-        return IntegratedCriterion(ignore_index, average, weights, top_k, variance_top_k)
+        return IntegratedCriterion(
+            ignore_index, average, weights, top_k, variance_top_k, resolution, warmup_iters
+        )
     raise ValueError(f"unknown classifier {classifier!r}; choose 'standard' or 'integrated'")

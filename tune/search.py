@@ -28,21 +28,23 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import math
 import re
 import shlex
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipelines.cluster import init_ray
-from pipelines.config import ConfigError, ExperimentConfig, to_flat_dict, with_overrides
-from tune.space import SearchSettings, load_search_config
+from pipelines.config import ConfigError, ExperimentConfig, TuneConfig, to_flat_dict, with_overrides
+from pipelines.metric_names import SCORE, class_iou_metric
+from tune.space import load_search_config, param_space
 
-SCORE = "val/mIoU"
 TIME_ATTR = "iteration"  # the train iteration reported with each validation
 TRIAL_DRIVER_CPU = 0.01  # the trial only waits on its Train run; 0 is rejected by Tune
 MAX_ERROR_CHARS = 200
@@ -162,7 +164,7 @@ def _main(args: argparse.Namespace) -> int:
 
 def run_search(
     cfg: ExperimentConfig,
-    settings: SearchSettings,
+    settings: TuneConfig,
     *,
     name: str,
     resume: bool = False,
@@ -177,10 +179,9 @@ def run_search(
 
     start = time.perf_counter()
     notes: list[str] = []
-    prepared = _warm_start(cfg, settings, notes)  # every config/data/model error now
+    prepared = resolve_warm_start(cfg, settings, notes)  # every config/data/model error now
     cfg = prepared.cfg
-    _check_schedule(cfg, settings)
-    _check_classes(settings, prepared.meta["class_names"])
+    _check_classes(settings, prepared.meta.class_names)
     storage = cfg.run.storage_path
     path = f"{storage}/{name}"
     if resume and not tune.Tuner.can_restore(path):
@@ -234,7 +235,7 @@ def run_search(
     if not interrupted and summary.best is not None and cfg.registry.register:
         _register_best(summary, cfg, tracking_uri)
     summary.wall_s = time.perf_counter() - start
-    _record_parent(client, summary, settings)
+    _record_parent(client, summary, settings, cfg=cfg)
     return summary
 
 
@@ -296,13 +297,14 @@ def _trial_dirname(trial: Any) -> str:
 # ---------------------------------------------------------------------------------- planning
 
 
-def _warm_start(cfg: ExperimentConfig, settings: SearchSettings, notes: list[str]):
+def resolve_warm_start(cfg: ExperimentConfig, settings: TuneConfig, notes: list[str]):
     """The `Prepared` config every trial starts from (absolute paths, `model.init_from` resolved):
     `tune.warm_start`'s weights when its source exists; with `if_missing: scratch` a missing
     source means training from scratch with the `scratch` overrides. The choice is printed."""
     from pipelines.train import prepare
     from pipelines.warm_start import WarmStartMissing
 
+    cfg = dataclasses.replace(cfg, tune=None)  # trials run the config without the search
     warm = settings.warm_start
     if warm is None:
         return prepare(cfg)
@@ -311,6 +313,7 @@ def _warm_start(cfg: ExperimentConfig, settings: SearchSettings, notes: list[str
             with_overrides(cfg, {"model.init_from": warm.source, "model.init_part": warm.part})
         )
         line = f"warm start: every trial starts from the {warm.part} of {warm.source}"
+        line += _checkpoint_summary(chosen.cfg.model.init_from)
     except WarmStartMissing as error:
         if warm.if_missing == "fail":
             raise ConfigError(
@@ -326,21 +329,26 @@ def _warm_start(cfg: ExperimentConfig, settings: SearchSettings, notes: list[str
     return chosen
 
 
-def _check_classes(settings: SearchSettings, names: list[str]) -> None:
+def _checkpoint_summary(path: str) -> str:
+    """` (iteration 800, val/mIoU 0.8123)` of a local checkpoint: which model the trials start
+    from, so a stale champion shows; empty for a remote one (not downloaded twice)."""
+    from pipelines import storage
+    from pipelines.checkpoint import load_checkpoint
+
+    if storage.is_remote(path):
+        return ""
+    payload = load_checkpoint(path)
+    score = (payload.get("metrics") or {}).get(SCORE)
+    scored = "" if score is None else f", {SCORE} {float(score):.4f}"
+    return f" (iteration {payload.get('iteration', '?')}{scored})"
+
+
+def _check_classes(settings: TuneConfig, names: Sequence[str]) -> None:
+    names = list(names)
     unknown = [name for name in settings.classes or [] if name not in names]
     if unknown:
         raise ConfigError(
             f"tune.classes: {unknown} are not classes of the shards; choose from {names}"
-        )
-
-
-def _check_schedule(cfg: ExperimentConfig, settings: SearchSettings) -> None:
-    grace = settings.asha.grace_period * cfg.train.val_every
-    if grace > cfg.schedule.iterations:
-        raise ConfigError(
-            f"tune.asha.grace_period = {settings.asha.grace_period} validations is "
-            f"{grace} iterations, beyond schedule.iterations ({cfg.schedule.iterations}); "
-            "lower it or train.val_every so ASHA can compare trials before they end"
         )
 
 
@@ -360,24 +368,28 @@ def plan_concurrency(
     requested: int | None,
     total: int,
     *,
-    gpu_share: tuple[int, float] | None = None,
+    worker: tuple[int, dict[str, float]] | None = None,
+    nodes: list[dict[str, float]] | None = None,
 ) -> int:
     """Trials that fit at once (<= requested and total); ResourcePlanError when none does.
 
-    `gpu_share` = (workers per trial, fraction of a GPU each): Ray never splits one worker's
-    fraction across cards, so a card holds floor(1 / fraction) such workers (two cards hold
-    four 0.4-GPU workers, not five, although 5 x 0.4 = 2).
+    `worker` = (workers per trial, one worker's resources): Ray places each worker's bundle on
+    one node and never splits its GPU fraction across cards, so the workers that fit are
+    counted node by node (`nodes`, each node's resources; None: the cluster as one node): a card
+    holds floor(1 / fraction) fractional workers (two cards hold four 0.4-GPU workers, not
+    five, although 5 x 0.4 = 2), and a 2-GPU worker needs a node with 2 GPUs.
     """
     fits = min(math.floor(cluster.get(key, 0.0) / need + 1e-9) for key, need in demand.items())
     packing = ""
-    if gpu_share is not None and gpu_share[1] < 1:
-        workers, fraction = gpu_share
-        per_card = math.floor(1 / fraction + 1e-9)
-        slots = math.floor(cluster.get("GPU", 0.0) + 1e-9) * per_card
-        fits = min(fits, slots // workers)
+    if worker is not None:
+        count, resources = worker
+        slots = worker_slots(resources, nodes if nodes is not None else [cluster])
+        fits = min(fits, slots // count)
+        where = f"{len(nodes)} node(s)" if nodes is not None else "the cluster"
         packing = (
-            f"; each GPU holds {per_card} worker(s) of {fraction:g} GPU, "
-            f"{slots} on the cluster's {cluster.get('GPU', 0.0):g} GPU(s)"
+            f"; one worker needs {_format_resources(resources)} on one node"
+            + (", its GPU fraction on one card" if 0 < resources.get("GPU", 1.0) < 1 else "")
+            + f": {where} hold {slots} such worker(s), a trial needs {count}"
         )
     if fits < 1:
         short = ", ".join(
@@ -387,36 +399,67 @@ def plan_concurrency(
         )
         raise ResourcePlanError(
             f"one trial needs {_format_resources(demand)} but the cluster cannot hold it: "
-            f"short of {short or 'whole GPUs'}{packing}. Lower ray.num_workers, "
-            "ray.cpus_per_worker, ray.gpus_per_worker or ray.resources_per_worker, set "
-            "ray.use_gpu=false, add nodes, or (autoscaling cluster) set tune.capacity to what "
-            "it grows to"
+            f"short of {short or 'room on a single node or card'}{packing}. Lower "
+            "ray.num_workers, ray.cpus_per_worker, ray.gpus_per_worker or "
+            "ray.resources_per_worker, set ray.use_gpu=false, add nodes, or (autoscaling "
+            "cluster) set tune.capacity to what it grows to"
         )
     return min(fits, requested or fits, total)
 
 
+def worker_slots(worker: dict[str, float], nodes: list[dict[str, float]]) -> int:
+    """How many workers of `worker` resources Ray can place at once on `nodes`."""
+    slots = 0
+    for node in nodes:
+        counts = []
+        for key, need in worker.items():
+            if need <= 0:
+                continue
+            have = node.get(key, 0.0)
+            if key == "GPU" and need < 1:  # a fraction lives on one card
+                counts.append(math.floor(have + 1e-9) * math.floor(1 / need + 1e-9))
+            else:
+                counts.append(math.floor(have / need + 1e-9))
+        slots += min(counts, default=0)
+    return slots
+
+
 def plan_search(
-    cfg: ExperimentConfig, settings: SearchSettings, cluster: dict[str, float]
+    cfg: ExperimentConfig,
+    settings: TuneConfig,
+    cluster: dict[str, float],
+    nodes: list[dict[str, float]] | None = None,
 ) -> tuple[int, list[str]]:
-    """(trials at once, the plan's lines) for a cluster of `cluster` resources."""
+    """(trials at once, the plan's lines) for a cluster of `cluster` resources in all and, when
+    known, `nodes` (each node's resources). With `tune.capacity` the nodes to come are unknown:
+    the cluster is planned as one node of that size."""
+    from pipelines.train import worker_resources
+
     demand = trial_demand(cfg)
     cluster = dict(cluster)
     for key, value in (settings.capacity or {}).items():
         cluster[key] = max(cluster.get(key, 0.0), value)
-    share = None
-    if cfg.ray.use_gpu:
-        share = (cfg.ray.num_workers, demand["GPU"] / cfg.ray.num_workers)
+    if settings.capacity:
+        nodes = None
+    worker = worker_resources(cfg)
     concurrency = plan_concurrency(
-        demand, cluster, settings.max_concurrent, settings.total_trials, gpu_share=share
+        demand,
+        cluster,
+        settings.max_concurrent,
+        settings.total_trials,
+        worker=(cfg.ray.num_workers, worker),
+        nodes=nodes,
     )
     plan = [
         f"plan: {settings.total_trials} trials, each {cfg.ray.num_workers} worker(s), "
-        f"{_format_resources(demand)} per trial; cluster {_format_resources(cluster, demand)}; "
-        f"{concurrency} at once"
+        f"{_format_resources(demand)} per trial; cluster {_format_resources(cluster, demand)}"
+        + (f" on {len(nodes)} node(s)" if nodes is not None else "")
+        + f"; {concurrency} at once"
     ]
-    if share is not None and share[1] < 1:
+    fraction = worker.get("GPU", 1.0) if cfg.ray.use_gpu else 1.0
+    if fraction < 1:
         plan.append(
-            f"{share[1]:g} GPU per worker: up to {math.floor(1 / share[1] + 1e-9)} "
+            f"{fraction:g} GPU per worker: up to {math.floor(1 / fraction + 1e-9)} "
             "trials' workers share each GPU"
         )
     if settings.max_concurrent and concurrency < settings.max_concurrent:
@@ -427,11 +470,16 @@ def plan_search(
     return concurrency, plan
 
 
-def _plan(cfg: ExperimentConfig, settings: SearchSettings, notes: list[str]) -> int:
+def _plan(cfg: ExperimentConfig, settings: TuneConfig, notes: list[str]) -> int:
     import ray
 
     cluster = {key: float(value) for key, value in ray.cluster_resources().items()}
-    concurrency, plan = plan_search(cfg, settings, cluster)
+    nodes = [
+        {key: float(value) for key, value in node["Resources"].items()}
+        for node in ray.nodes()
+        if node["Alive"]
+    ]
+    concurrency, plan = plan_search(cfg, settings, cluster, nodes)
     for line in plan:
         print(f"[segnext tune] {line}", flush=True)
     notes.extend(plan)
@@ -505,7 +553,7 @@ def search_progress(iterations: int):
 
 def _build_tuner(
     cfg: ExperimentConfig,
-    settings: SearchSettings,
+    settings: TuneConfig,
     *,
     name: str,
     parent_run_id: str,
@@ -540,7 +588,7 @@ def _build_tuner(
     )
     return tune.Tuner(
         trainable,
-        param_space=settings.param_space(),
+        param_space=param_space(settings),
         tune_config=tune.TuneConfig(
             metric=SCORE,
             mode="max",
@@ -559,7 +607,7 @@ def _build_tuner(
     )
 
 
-def _search_algorithm(settings: SearchSettings, concurrency: int):
+def _search_algorithm(settings: TuneConfig, concurrency: int):
     """Random or Optuna search, limited to `concurrency` live trials.
 
     (`TuneConfig.max_concurrent_trials` is ignored for the random generator, so each search
@@ -675,10 +723,12 @@ def _open_parent_run(client, experiment_id, cfg, settings, name: str, *, resume:
     """The search's parent run: found again on --resume, else created with the search params."""
     from pipelines import tracking
 
+    opening = search_description(cfg, settings, name)
     if resume:
         run_id = tracking.find_run(client, experiment_id, name)
         if run_id is not None:
             client.update_run(run_id, status="RUNNING")
+            tracking.set_description(client, run_id, opening + "\n\nResumed (`--resume`).")
             return run_id
     run_id = tracking.start_run(
         client,
@@ -688,10 +738,15 @@ def _open_parent_run(client, experiment_id, cfg, settings, name: str, *, resume:
             SEARCH_TAG: name,
             ROLE_TAG: "search",
             "mlflow.source.git.commit": tracking.git_commit(),
+            tracking.DESCRIPTION_TAG: opening,
         },
     )
     searched = set(settings.space)
-    params = {key: value for key, value in to_flat_dict(cfg).items() if key not in searched}
+    params = {
+        key: value
+        for key, value in to_flat_dict(cfg).items()
+        if key not in searched and key != "tune"  # the search's settings are logged below
+    }
     params.update(
         {
             "tune.trials": settings.trials,
@@ -735,12 +790,10 @@ def _record_trials(client, experiment_id: str, summary: SearchSummary) -> None:
         outcome.mlflow_run_id = run_id
 
 
-def _record_class_iou(client, summary: SearchSummary, settings: SearchSettings) -> None:
+def _record_class_iou(client, summary: SearchSummary, settings: TuneConfig) -> None:
     """Each trial's IoU of the confusing classes at its best validation, read from its MLflow
     run: `tune.classes`, else the classes of the best trial's most confused pairs."""
     import json
-
-    from pipelines import tracking
 
     best_steps = {}
     for outcome in summary.outcomes:
@@ -778,14 +831,64 @@ def _record_class_iou(client, summary: SearchSummary, settings: SearchSettings) 
             continue
         for name in classes:
             history = client.get_metric_history(
-                outcome.mlflow_run_id, f"val/IoU/{tracking.metric_name(name)}"
+                outcome.mlflow_run_id, class_iou_metric(name)
             )
             values = [m.value for m in history if m.step == step]
             if values and math.isfinite(values[-1]):
                 outcome.class_iou[name] = values[-1]
 
 
-def _record_parent(client, summary: SearchSummary, settings: SearchSettings) -> None:
+def search_description(cfg: ExperimentConfig, settings: TuneConfig, name: str) -> str:
+    """The parent run's Description while the search runs: what is searched, over what."""
+    at_once = "" if settings.max_concurrent is None else f", at most {settings.max_concurrent} at once"
+    lines = [
+        f"**Hyper-parameter search `{name}`**: {settings.total_trials} trials ({settings.search} "
+        f"sampling, ASHA: grace period {settings.asha.grace_period} validation(s), reduction "
+        f"factor {settings.asha.reduction_factor:g}){at_once}. Each trial is a Ray Train run "
+        "nested under this run.",
+        "",
+        "Searched:",
+        *(f"- `{key}`: {dim.describe()}" for key, dim in settings.space.items()),
+        "",
+        f"Every trial: SegNeXt-{cfg.model.variant}, {cfg.model.classifier} classifier, "
+        f"{cfg.schedule.iterations} iterations on `{cfg.data.root}` "
+        f"({', '.join(cfg.data.train_splits)} -> {cfg.data.val_split}), "
+        f"{cfg.ray.num_workers} {'GPU' if cfg.ray.use_gpu else 'CPU'} worker(s)"
+        + (f", starting from `{cfg.model.init_from}`." if cfg.model.init_from else "."),
+    ]
+    return "\n".join(lines)
+
+
+def search_result_description(opening: str, summary: SearchSummary, cfg: ExperimentConfig) -> str:
+    """`opening` plus the trials' outcome, the best trial and the commands that use it."""
+    from pipelines import tracking
+
+    counts = ", ".join(
+        f"{sum(o.status == status for o in summary.outcomes)} {status}"
+        for status in (COMPLETED, STOPPED, FAILED)
+    )
+    state = "interrupted" if summary.interrupted else "finished"
+    lines = [opening.split("\n### ")[0].rstrip(), "", "### Result", "",
+             f"- {state} in {summary.wall_s / 60:.1f} min: {counts} (table: `tune/results.md`)"]
+    best = summary.best
+    if best is None:
+        lines.append("- No completed or stopped trial left a scored checkpoint: nothing to register.")
+        return "\n".join(lines)
+    values = ", ".join(f"`{key}`={_cell(value)}" for key, value in best.params.items())
+    lines.append(f"- Best trial `{best.trial_id}`: val mIoU **{best.checkpoint_miou:.4f}** "
+                 f"with {values}; checkpoint `{best.checkpoint}`")
+    model = best.checkpoint
+    if summary.registered_version is not None:
+        model = f"models:/{cfg.registry.name}/{summary.registered_version}"
+        lines.append(f"- Registered model: `{model}`")
+    lines += tracking.next_commands(
+        model, data_root=cfg.data.root, val_split=cfg.data.val_split,
+        tracking_uri=tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri))
+    return "\n".join(lines)
+
+
+def _record_parent(client, summary: SearchSummary, settings: TuneConfig, *,
+                   cfg: ExperimentConfig) -> None:
     from pipelines import tracking
 
     run_id = summary.parent_run_id
@@ -805,6 +908,8 @@ def _record_parent(client, summary: SearchSummary, settings: SearchSettings) -> 
     if summary.registered_version is not None:
         tags["registered_version"] = summary.registered_version
     tracking.set_tags(client, run_id, tags)
+    tracking.set_description(client, run_id, search_result_description(
+        tracking.description(client, run_id), summary, cfg))
     client.log_text(run_id, results_csv(summary.outcomes, settings), "tune/results.csv")
     client.log_text(run_id, results_markdown(summary.outcomes, settings), "tune/results.md")
     figure = params_figure(summary.outcomes, settings)
@@ -818,7 +923,7 @@ def _record_parent(client, summary: SearchSummary, settings: SearchSettings) -> 
 # ---------------------------------------------------------------------------------- reports
 
 
-def _columns(settings: SearchSettings, outcomes: list[TrialOutcome]) -> list[str]:
+def _columns(settings: TuneConfig, outcomes: list[TrialOutcome]) -> list[str]:
     keys = list(settings.space)
     for outcome in outcomes:  # a resumed search may carry keys the YAML no longer has
         keys += [key for key in outcome.params if key not in keys]
@@ -840,7 +945,7 @@ def _class_names(outcomes: list[TrialOutcome]) -> list[str]:
     return names
 
 
-def results_csv(outcomes: list[TrialOutcome], settings: SearchSettings) -> str:
+def results_csv(outcomes: list[TrialOutcome], settings: TuneConfig) -> str:
     keys, classes = _columns(settings, outcomes), _class_names(outcomes)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
@@ -872,7 +977,7 @@ def results_csv(outcomes: list[TrialOutcome], settings: SearchSettings) -> str:
     return buffer.getvalue()
 
 
-def results_markdown(outcomes: list[TrialOutcome], settings: SearchSettings) -> str:
+def results_markdown(outcomes: list[TrialOutcome], settings: TuneConfig) -> str:
     keys, classes = _columns(settings, outcomes), _class_names(outcomes)
     header = [
         "trial",
@@ -902,7 +1007,7 @@ def _cell(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def params_figure(outcomes: list[TrialOutcome], settings: SearchSettings):
+def params_figure(outcomes: list[TrialOutcome], settings: TuneConfig):
     """Which weights help the confusing classes: one column per searched key, one row for the
     best val mIoU and one per confusing class (its IoU at the trial's best validation), each
     point a trial against its value, coloured by status (failed trials sit at 0 as crosses)."""
@@ -960,7 +1065,7 @@ def params_figure(outcomes: list[TrialOutcome], settings: SearchSettings):
     return fig
 
 
-def format_summary(summary: SearchSummary, settings: SearchSettings, *, resume_command: str) -> str:
+def format_summary(summary: SearchSummary, settings: TuneConfig, *, resume_command: str) -> str:
     lines = [
         f"search {summary.name}: {len(summary.outcomes)} trial(s) in {summary.wall_s:.0f}s",
         *summary.notes,

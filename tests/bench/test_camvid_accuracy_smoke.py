@@ -41,9 +41,11 @@ def test_camvid_accuracy_smoke(tmp_path):
         assert sum(map(sum, result["matrix"])) > 0  # the 8 test images were scored
         assert result["iterations"] == 2 and result["images_per_s"] > 0
         assert 0.0 <= result["diag"]["top3_recall"] <= 1.0
-    assert "general_aAcc" in results["integrated"]["diag"]
+    diag = results["integrated"]["diag"]
+    assert 0.0 <= diag["general_aAcc"] <= 1.0 and 0.0 <= diag["refine_aAcc"] <= 1.0
     report = (out / "report.md").read_text()
     assert "test mIoU" in report and "IoU Bicyclist" in report and "change (pp)" in report
+    assert "refinement alone" in report
 
     from mlflow.tracking import MlflowClient
 

@@ -1,5 +1,6 @@
-"""The Ray Data stream and the plain torch loader: shapes and dtypes, the same samples in both,
-fresh augmentation per epoch, errors that name shard and key, skip mode that counts."""
+"""The training stream and the plain torch loader: shapes and dtypes, the same samples in both,
+the batch plan whatever the worker count, fresh augmentation per epoch, errors that name shard
+and key, skip mode that counts."""
 
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ from data.shards import load_manifest
 from data.transforms import MEAN, STD, normalize_batch
 
 CROP = (40, 48)  # synthetic scenes are 64x64: random resize 0.5-2.0 then crop
-VAL_PAD = (72, 80)
 
 
 def member_offset(shard: Path, member: str) -> int:
@@ -61,13 +61,10 @@ def sample_digest(image: np.ndarray, mask: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(image).tobytes() + mask.tobytes()).hexdigest()
 
 
-def torch_samples(root: Path, *, epoch: int = 0, train: bool = True) -> list[dict]:
+def torch_samples(root: Path, *, epoch: int = 0) -> list[dict]:
     manifest = load_manifest(root)
-    crop = CROP if train else VAL_PAD
-    pipeline = build_pipeline(manifest, train=train, crop_size=crop, seed=5)
-    samples = ShardSamples(
-        manifest.shard_urls("train" if train else "val"), pipeline, shuffle=train
-    )
+    pipeline = build_pipeline(manifest, train=True, crop_size=CROP, seed=5)
+    samples = ShardSamples(manifest.shard_urls("train"), pipeline, shuffle=True)
     samples.set_epoch(epoch)
     return list(samples)
 
@@ -149,80 +146,84 @@ def ray_cluster():
         ray.shutdown()
 
 
-@pytest.mark.slow
-def test_stream_train_batches_and_same_samples_as_torch(ray_cluster, synthetic_shards: Path):
-    from data.stream import build_dataset, iter_batches
+def _stream(root: Path, **kwargs):
+    from data.stream import build_train_stream
 
-    dataset = build_dataset(synthetic_shards, "train", train=True, crop_size=CROP, seed=5)
-    batches = list(iter_batches(dataset, 8))
-    assert len(batches) == 4
-    for batch in batches:
+    options = {"crop_size": CROP, "global_batch_size": 8, "micro_batch_size": 4, "seed": 5}
+    return build_train_stream(root, "train", **{**options, **kwargs})
+
+
+def _rows(stream, *, world: int = 1, rank: int = 0, start: int = 0, stop: int = 4) -> list[dict]:
+    return stream.dataset(world=world, rank=rank, start=start, stop=stop).take_all()
+
+
+@pytest.mark.slow
+def test_stream_batches_are_the_plan_and_the_torch_loaders_samples(ray_cluster, synthetic_shards):
+    stream = _stream(synthetic_shards)
+    assert len(stream.index) == 32 and stream.plan.steps_per_epoch == 4
+    batches = list(stream.micro_batches(world=1, rank=0, start=0, stop=4))
+    assert [micro for micro, _ in batches] == list(range(8))  # 2 micro-batches per step
+    for _, batch in batches:
         assert set(batch) == {"images", "masks"}
-        assert batch["images"].shape == (8, 3, *CROP) and batch["images"].dtype == torch.float32
-        assert batch["masks"].shape == (8, *CROP) and batch["masks"].dtype == torch.int64
+        assert batch["images"].shape == (4, 3, *CROP) and batch["images"].dtype == torch.float32
+        assert batch["masks"].shape == (4, *CROP) and batch["masks"].dtype == torch.int64
         assert set(batch["masks"].unique().tolist()) <= set(range(7)) | {255}
-    # The same per-sample seeds: the Ray stream's second pass is the torch loader's epoch 1.
-    rows = dataset.take_all()
+    # One epoch: every sample once, augmented as the torch loader augments it in epoch 0.
+    rows = _rows(stream)
+    keys = [str(k) for k in stream.index.rows(stream.plan.epoch_order(0)[:32])["key"]]
+    assert len(set(keys)) == 32
     ray_digests = {sample_digest(row["image"], row["mask"]) for row in rows}
-    torch_digests = {
-        sample_digest(s["image"], s["mask"]) for s in torch_samples(synthetic_shards, epoch=1)
-    }
-    assert ray_digests == torch_digests
+    assert ray_digests == {sample_digest(s["image"], s["mask"]) for s in torch_samples(synthetic_shards)}
     # Normalisation happened on the uint8 rows that were shipped.
     uint8 = torch.from_numpy(np.stack([row["image"] for row in rows[:2]]))
     manual = (uint8.permute(0, 3, 1, 2).float() - torch.tensor(MEAN).view(1, 3, 1, 1)) / (
         torch.tensor(STD).view(1, 3, 1, 1)
     )
     torch.testing.assert_close(normalize_batch(uint8), manual)
+    first = torch.from_numpy(np.stack([row["image"] for row in rows[:4]]))
+    torch.testing.assert_close(batches[0][1]["images"], normalize_batch(first))
 
 
 @pytest.mark.slow
-def test_stream_epochs_chain_with_fresh_augmentation(ray_cluster, synthetic_shards: Path):
-    from data.stream import build_dataset
+def test_workers_share_the_global_batches_whatever_their_number(ray_cluster, synthetic_shards):
+    stream = _stream(synthetic_shards, micro_batch_size=2)  # 4 micro-batches per step
+    one = dict(stream.micro_batches(world=1, rank=0, start=1, stop=3))
+    assert sorted(one) == list(range(4, 12))
+    for world in (2, 4):
+        seen = {}
+        for rank in range(world):
+            for micro, batch in stream.micro_batches(world=world, rank=rank, start=1, stop=3):
+                assert micro // 4 * 4 + rank * (4 // world) <= micro  # its own slice of the step
+                seen[micro] = batch
+        assert sorted(seen) == sorted(one)
+        for micro, batch in seen.items():
+            assert torch.equal(batch["images"], one[micro]["images"])
+            assert torch.equal(batch["masks"], one[micro]["masks"])
 
-    dataset = build_dataset(synthetic_shards, "train", train=True, crop_size=CROP, epochs=2)
-    rows = dataset.take_all()
+
+@pytest.mark.slow
+def test_later_epochs_draw_fresh_order_and_augmentation(ray_cluster, synthetic_shards):
+    stream = _stream(synthetic_shards)
+    rows = _rows(stream, stop=8)  # two epochs
     assert len(rows) == 64
     assert len({sample_digest(row["image"], row["mask"]) for row in rows}) == 64
-
-
-@pytest.mark.slow
-def test_stream_val_pads_and_keeps_original_size(ray_cluster, synthetic_shards: Path):
-    from data.stream import build_dataset, iter_batches
-
-    dataset = build_dataset(synthetic_shards, "val", train=False, crop_size=VAL_PAD)
-    batches = list(iter_batches(dataset, 3, drop_last=False))
-    # Ray formats batches in prefetch threads, so the short last batch may come out before a
-    # full one: the sizes are exact, their order is not.
-    assert sorted(len(b["images"]) for b in batches) == [2, 3, 3]
-    batch = next(b for b in batches if len(b["images"]) == 3)
-    assert batch["images"].shape == (3, 3, *VAL_PAD)
-    assert batch["height"].tolist() == [64] * 3 and batch["width"].tolist() == [64] * 3
-    assert (batch["masks"][:, 64:] == 255).all() and (batch["masks"][:, :, 64:] == 255).all()
-    assert (batch["masks"][:, :64, :64] != 255).any()
-    expected = {
-        sample_digest(s["image"], s["mask"]) for s in torch_samples(synthetic_shards, train=False)
-    }
-    assert {sample_digest(r["image"], r["mask"]) for r in dataset.take_all()} == expected
+    assert not np.array_equal(stream.plan.epoch_order(0), stream.plan.epoch_order(1))
 
 
 @pytest.mark.slow
 def test_stream_corrupt_member_raises_with_shard_and_key(ray_cluster, broken_shards: Path):
     from ray.data import DataContext
 
-    from data.stream import build_dataset
-
     shard = broken_shards / "train-000000.tar"
     key = first_key(shard)
-    dataset = build_dataset(broken_shards, "train", train=True, crop_size=CROP, epochs=2)
     with pytest.raises(SampleReadError, match=rf"{shard}: sample '{key}': cannot decode"):
-        dataset.take_all()
+        _rows(_stream(broken_shards))
     assert not DataContext.get_current().raise_original_map_exception  # set per dataset only
 
 
 def damage_header(shard: Path, member_index: int) -> None:
-    """Overwrite one tar header in place: same size, and tarfile's stream mode then takes it
-    for the end of the archive."""
+    """Overwrite one tar header in place: same size, and tar readers then take it for the end
+    of the archive."""
     with tarfile.open(shard) as tar:
         offset = tar.getmembers()[member_index].offset
     with open(shard, "r+b") as handle:
@@ -230,68 +231,59 @@ def damage_header(shard: Path, member_index: int) -> None:
         handle.write(b"\x07" * 512)
 
 
-@pytest.mark.slow
-def test_stream_short_shard_raises_naming_it(ray_cluster, synthetic_shards: Path, tmp_path):
-    from data.stream import build_dataset
-
+def test_short_shard_fails_while_indexing_naming_it(synthetic_shards: Path, tmp_path):
     root = tmp_path / "short"
     shutil.copytree(synthetic_shards, root)
     shard = root / "train-000001.tar"
     damage_header(shard, 9)  # members: 3 per sample -> samples 0..2 survive
-    dataset = build_dataset(root, "train", train=True, crop_size=CROP)
     with pytest.raises(SampleReadError, match=rf"{shard}: shard holds 3 samples, manifest says 16"):
-        dataset.take_all()
+        _stream(root)
+    skipping = _stream(root, on_error="skip")
+    assert len(skipping.index) == 16 and skipping.index.skipped == 16
 
 
-@pytest.mark.slow
-def test_stream_truncated_shard_fails_before_reading(ray_cluster, truncated_shards: Path):
-    from data.stream import build_dataset, skipped_samples
-
+def test_truncated_shard_fails_before_reading(truncated_shards: Path):
     shard = truncated_shards / "train-000001.tar"
     with pytest.raises(SampleReadError, match=rf"{shard}: shard \d+ bytes, manifest says"):
-        build_dataset(truncated_shards, "train", train=True, crop_size=CROP)
-    dataset = build_dataset(truncated_shards, "train", train=True, crop_size=CROP, on_error="skip")
-    assert dataset.count() == 16
-    assert skipped_samples(truncated_shards, "train")["count"] == 16
+        _stream(truncated_shards)
+    stream = _stream(truncated_shards, on_error="skip")
+    assert len(stream.index) == 16 and stream.index.skipped == 16
 
 
 @pytest.mark.slow
 def test_stream_skip_mode_counts_what_it_leaves_out(ray_cluster, broken_shards: Path, tmp_path):
-    from data.stream import build_dataset, skipped_samples
+    from data.stream import skipped_samples
 
-    damage_header(broken_shards / "train-000001.tar", 9)
-    dataset = build_dataset(broken_shards, "train", train=True, crop_size=CROP, on_error="skip")
-    assert dataset.count() == 15 + 3  # shard 0 minus its corrupt sample, 3 before the damage
+    stream = _stream(broken_shards, on_error="skip")
+    batches = list(stream.micro_batches(world=1, rank=0, start=0, stop=4))
+    assert sorted(len(batch["images"]) for _, batch in batches) == [3] + [4] * 7
     report = skipped_samples(broken_shards, "train")
-    assert report["count"] == 1 + 13
-    keys = sorted(entry["key"] for entry in report["examples"])
-    assert keys == sorted(["*", first_key(broken_shards / "train-000000.tar")])
+    assert report["count"] == 1
+    assert [entry["key"] for entry in report["examples"]] == [
+        first_key(broken_shards / "train-000000.tar")]
     assert skipped_samples(tmp_path, "train") == {"count": 0, "examples": []}
 
 
-@pytest.mark.slow
-def test_stream_rejects_bad_arguments(ray_cluster, synthetic_shards: Path):
+def test_stream_rejects_bad_arguments(synthetic_shards: Path):
     from data.shards import ManifestError
-    from data.stream import build_dataset
+    from data.stream import build_train_stream
 
-    with pytest.raises(ValueError, match="only train streams repeat"):
-        build_dataset(synthetic_shards, "val", train=False, crop_size=VAL_PAD, epochs=2)
     with pytest.raises(ValueError, match="on_error"):
-        build_dataset(synthetic_shards, "train", train=True, crop_size=CROP, on_error="ignore")
+        _stream(synthetic_shards, on_error="ignore")
     with pytest.raises(ManifestError, match="no split 'test'"):
-        build_dataset(synthetic_shards, "test", train=False, crop_size=VAL_PAD)
+        build_train_stream(synthetic_shards, "test", crop_size=CROP, global_batch_size=8,
+                           micro_batch_size=4)
+    with pytest.raises(ValueError, match="cannot fill one global batch of 64"):
+        _stream(synthetic_shards, global_batch_size=64)
 
 
 @pytest.mark.slow
 def test_stream_on_real_camvid(ray_cluster, camvid_shards: Path):
-    from data.stream import build_dataset, iter_batches
+    from data.stream import build_train_stream
 
-    train = build_dataset(camvid_shards, "train", train=True, crop_size=(360, 480))
-    batch = next(iter_batches(train, 4))
+    stream = build_train_stream(camvid_shards, "train", crop_size=(360, 480),
+                                global_batch_size=4, micro_batch_size=4)
+    micro, batch = next(stream.micro_batches(world=1, rank=0, start=0, stop=1))
+    assert micro == 0
     assert batch["images"].shape == (4, 3, 360, 480) and batch["masks"].shape == (4, 360, 480)
     assert set(batch["masks"].unique().tolist()) <= set(range(11)) | {255}
-    val = build_dataset(camvid_shards, "val", train=False, crop_size=(368, 480))
-    batches = list(iter_batches(val, 4, drop_last=False))
-    assert sum(len(b["images"]) for b in batches) == 8
-    assert batches[0]["height"].tolist() == [360] * 4 and batches[0]["width"].tolist() == [480] * 4
-    assert (batches[0]["masks"][:, 360:] == 255).all()

@@ -63,7 +63,7 @@ def test_round_trip_rebuilds_the_same_model(tmp_path: Path) -> None:
 
     loaded = load_checkpoint(tmp_path / "ckpt")  # a folder or the file itself
     assert loaded["iteration"] == 1 and loaded["metrics"]["val/mIoU"] == 0.5
-    assert loaded["meta"]["class_names"] == ["a", "b", "c"]
+    assert loaded["meta"].class_names == ("a", "b", "c")
     rebuilt = model_from_checkpoint(load_checkpoint(path))
     assert not rebuilt.training and rebuilt.classifier_kind == "integrated"
     assert rebuilt.decode_head.classifier.top_k == 2

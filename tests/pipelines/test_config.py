@@ -39,7 +39,7 @@ def test_yaml_values_and_defaults(config_file: Path) -> None:
     assert cfg.optim.lr == pytest.approx(6e-5)  # YAML 1.1 reads "6e-5" as a string
     assert isinstance(cfg.optim.lr, float)
     assert cfg.schedule.warmup_ratio == pytest.approx(1e-6)
-    assert cfg.micro_batch_size == 4 and cfg.grad_accumulation == 1
+    assert cfg.micro_batch_size == 4
 
 
 def test_overrides_are_typed(config_file: Path) -> None:
@@ -63,8 +63,7 @@ def test_overrides_are_typed(config_file: Path) -> None:
     assert cfg.model.num_classes is None
     assert cfg.loss.weights["variance"] == 0.5 and cfg.loss.weights["general"] == 1.0
     assert cfg.run.name == "abc"
-    # 8 images over 2 workers x 2 per pass -> 2 passes per optimizer step
-    assert cfg.micro_batch_size == 2 and cfg.grad_accumulation == 2
+    assert cfg.micro_batch_size == 2
 
 
 @pytest.mark.parametrize(
@@ -80,6 +79,8 @@ def test_overrides_are_typed(config_file: Path) -> None:
         ("optim.lr=-1", "optim.lr must be > 0"),
         ("train.global_batch_size=7", "must be a multiple of ray.num_workers"),
         ("loss.weights.typo=1", "keys must be general, refine, variance"),
+        ("loss.warmup_iters=-1", "loss.warmup_iters must be >= 0"),
+        ("loss.resolution=half", "choose one of 'mask', 'logits'"),
         ("optim.lr", "not of the form section.key=value"),
         ("eval.mode=slide", "eval.stride must be set"),
     ],
@@ -123,8 +124,47 @@ def test_parse_override_uses_yaml_scalars() -> None:
     assert parse_override("a.b=hello") == ("a.b", "hello")
 
 
-@pytest.mark.parametrize("name", ["demo", "camvid", "ade20k", "cityscapes"])
+@pytest.mark.parametrize("name", ["demo", "demo-tune", "camvid", "ade20k", "cityscapes"])
 def test_shipped_configs_load(name: str) -> None:
     cfg = load_config(CONFIGS / f"{name}.yaml")
     assert isinstance(cfg, ExperimentConfig)
     assert cfg.schedule.warmup_iters < cfg.schedule.iterations
+
+
+def test_tune_section_is_a_typed_section_of_the_one_config() -> None:
+    """`segnext train` loads a config with a tune: section (and ignores it); the section
+    survives the dict round trip that trials and workers go through."""
+    cfg = load_config(
+        CONFIGS / "demo-tune.yaml",
+        ["tune.trials=2", "tune.space.optim.lr={choice: [1.0e-3, 2.0e-3]}", "optim.lr=1e-3"],
+    )
+    assert cfg.tune.trials == 2 and cfg.optim.lr == 1e-3
+    assert cfg.tune.space["optim.lr"].to_config() == {"choice": [1e-3, 2e-3]}
+    assert cfg.tune.warm_start.source == "models:/segnext-demo@champion"
+    assert cfg.tune.warm_start.scratch["schedule.iterations"] == 400
+    assert with_overrides(cfg, {}) == cfg  # to_dict writes `from:` and distributions back
+    assert "from: models:/segnext-demo@champion" in to_yaml(cfg)
+    assert load_config(CONFIGS / "demo.yaml").tune is None
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("tune.space.optim.lr={uniform: [-1.0, 1.0]}", "tune.space.optim.lr = -1.0 is rejected"),
+        ("tune.space.ray.num_workers={choice: [1, 2]}", "ray.* is shared by all trials"),
+        ("tune.warm_start.scratch={schedule.itr: 9}", "unknown config key schedule.itr"),
+        ("tune.warm_start.part=decoder", "choose one of 'encoder', 'model'"),
+        ("tune.asha.grace_period=4", "4 validations is 200 iterations, beyond schedule"),
+        (
+            "tune.warm_start.scratch.train.val_every=500",  # one entry of the dotted mapping
+            "is 500 iterations, beyond schedule.iterations (400) (with tune.warm_start.scratch)",
+        ),
+        ("tune.max_concurrent=0", "tune.max_concurrent = 0 must be >= 1"),
+        ("tune.trials=two", "tune.trials = 'two' has type str, expected int"),
+        ("tune.num_samples=2", "tune.num_samples is Ray Tune's name; here it is tune.trials"),
+    ],
+)
+def test_tune_mistakes_fail_for_train_and_tune_alike(override: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_config(CONFIGS / "demo-tune.yaml", [override])
+    assert needle in str(error.value) and "demo-tune.yaml" in str(error.value)

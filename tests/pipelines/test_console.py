@@ -47,6 +47,72 @@ def test_progress_lines_replace_each_other_on_a_terminal() -> None:
     )
 
 
+def test_a_worker_line_is_never_glued_to_one_of_ours() -> None:
+    """print() writes the text and the newline apart: Ray's log thread (one long-lived thread)
+    may write in between."""
+    shown, log = io.StringIO(), io.StringIO()
+    stream = ConsoleFilter(shown, log, live=False)
+    turn = [threading.Event(), threading.Event()]
+
+    def ray_log_thread() -> None:
+        stream.write("[2026-12-01 23:25:46,646 E 1 2] core_worker.cc:2465: Actor ...")
+        turn[0].set()
+        turn[1].wait(timeout=10)
+        stream.write("\n")
+
+    worker = threading.Thread(target=ray_log_thread)
+    stream.write("[segnext] ours")
+    worker.start()
+    assert turn[0].wait(timeout=10)
+    stream.write("\n")
+    turn[1].set()
+    worker.join()
+    assert shown.getvalue() == "[segnext] ours\n"
+    assert log.getvalue().splitlines() == [
+        "[segnext] ours", "[2026-12-01 23:25:46,646 E 1 2] core_worker.cc:2465: Actor ...",
+    ]
+
+
+def test_lines_ray_prints_on_the_main_thread_count_as_forwarded() -> None:
+    """At ray.shutdown() Ray's de-duplicator prints the lines it held back on the main thread,
+    through the same printer as its log thread (a core_worker.cc line reached the terminal)."""
+    from ray._private import worker
+
+    shown, log = io.StringIO(), io.StringIO()
+    stream = ConsoleFilter(shown, log, live=False)
+    batch = {"ip": "10.0.0.1", "localhost": "10.0.0.1", "pid": 1085, "actor_name": "TrainController"}
+    core_line = "[2026-12-01 23:28:48,797 E 1085 1142] core_worker.cc:2465: Actor with class name"
+    for ignore_prefix in (True, False):
+        worker.print_worker_logs({**batch, "lines": [core_line]}, stream, ignore_prefix)
+    worker.print_worker_logs({**batch, "lines": ["[segnext] validation at it 4"]}, stream, True)
+    stream.write("main thread line\n")
+    assert shown.getvalue().splitlines() == ["[segnext] validation at it 4", "main thread line"]
+    assert log.getvalue().count("core_worker.cc:2465") == 2
+
+
+def test_ray_records_below_error_go_to_the_log_only() -> None:
+    """The driver's Ray log records (token-auth WARNING of ray.init) in Ray's own format."""
+    import logging
+
+    from ray._common.formatters import TextFormatter
+
+    shown, log = io.StringIO(), io.StringIO()
+    stream = ConsoleFilter(shown, log, live=False)
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(TextFormatter())
+    logger = logging.getLogger("ray.test_console_records")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("Token authentication is enabled for this Ray cluster.")
+        logger.error("The node with node id: abc has been marked dead")
+    finally:
+        logger.removeHandler(handler)
+    assert len(shown.getvalue().splitlines()) == 1
+    assert "ERROR" in shown.getvalue() and "marked dead" in shown.getvalue()
+    assert "Token authentication" in log.getvalue() and "marked dead" in log.getvalue()
+
+
 def test_quiet_console_sends_warnings_and_detail_to_the_log(tmp_path: Path, capsys) -> None:
     with quiet_console("train", log_dir=tmp_path) as path:
         assert current_log() == path

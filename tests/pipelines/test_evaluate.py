@@ -91,8 +91,8 @@ def test_random_model_matches_a_direct_forward_pass(shards, tmp_path):
 
     payload = load_checkpoint(checkpoint)
     model = model_from_checkpoint(payload)
-    mean = torch.tensor(payload["meta"]["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(payload["meta"]["std"]).view(1, 3, 1, 1)
+    mean = torch.tensor(payload["meta"].mean).view(1, 3, 1, 1)
+    std = torch.tensor(payload["meta"].std).view(1, 3, 1, 1)
     expected = ConfusionMatrix(len(SOURCE.classes))
     with torch.inference_mode():
         for image, mask in _samples(shards):  # 64x96: a multiple of 32, so no padding

@@ -15,7 +15,7 @@ from PIL import Image
 from test_registry import CLASSES, PALETTE, single_thread, sqlite_store, tiny_checkpoint  # noqa: F401
 
 import segnext
-from pipelines.checkpoint import build_meta, save_checkpoint
+from pipelines.checkpoint import build_meta, load_checkpoint, save_checkpoint
 from pipelines.cli import main
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -168,7 +168,8 @@ def test_integrated_classifier_dynamic_and_fixed_size(tmp_path):
     assert shapes == {"dynamic.onnx": ["batch", 3, "height", "width"],
                       "fixed.onnx": ["batch", 3, 64, 64]}
     runtime = OnnxSegmenter(dynamic)
-    assert runtime.metadata["classifier"] == "integrated"
+    assert runtime.meta == load_checkpoint(checkpoint)["meta"]  # the whole ModelMeta travels
+    assert runtime.meta.classifier == runtime.metadata["classifier"] == "integrated"
     assert runtime.class_names == list(CLASSES) and runtime.palette == [list(c) for c in PALETTE]
 
     rng = np.random.default_rng(4)

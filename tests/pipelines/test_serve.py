@@ -104,8 +104,8 @@ def test_masks_come_back_at_input_size(constant_model, mode, scale, tta):
     segmenter = Segmenter(
         model_from_checkpoint(payload),
         settings,
-        class_names=meta["class_names"],
-        palette=meta["palette"],
+        class_names=meta.class_names,
+        palette=meta.palette,
     )
     masks = segmenter.predict(_images(SIZES + ((70, 90),)))
     assert [mask.shape for mask in masks] == [(40, 60), (33, 47), (70, 90)]

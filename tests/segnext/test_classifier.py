@@ -8,9 +8,12 @@ import torch.nn.functional as F
 
 from segnext.classifier import (
     CLASSIFIERS,
+    MASKED_LOGIT,
     IntegratedClassifier,
     StandardClassifier,
     build_classifier,
+    candidate_mask,
+    integrate,
 )
 
 
@@ -129,3 +132,19 @@ def test_general_biases_start_at_the_class_prior():
     for bad in ([0.5, 0.5], [0.5, 0.3, 0.2, 0.0], [0.5, 0.3, 0.2, "x"]):
         with pytest.raises(ValueError, match="prior must list 4 class frequencies"):
             build_classifier("integrated", 16, 4, prior=bad)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 4])
+def test_integrate_on_candidates_equals_the_masked_all_class_softmax(top_k):
+    """The k-candidate computation is the K-class one with non-candidates masked out."""
+    torch.manual_seed(0)
+    general, refine = torch.randn(2, 6, 5, 7) * 3, torch.randn(2, 6, 5, 7) * 3
+    log_probs, index = integrate(general, refine, top_k)
+    candidates = candidate_mask(general, top_k)
+    masked = refine.masked_fill(~candidates, MASKED_LOGIT)
+    expected = F.log_softmax(F.logsigmoid(general) + F.log_softmax(masked, 1), 1)
+    torch.testing.assert_close(log_probs.exp(), expected.exp(), rtol=1e-5, atol=1e-7)
+    assert torch.equal(log_probs.argmax(1), expected.argmax(1))
+    assert index.shape == (2, top_k, 5, 7)
+    assert (log_probs[~candidates] == MASKED_LOGIT).all()
+    assert integrate(general, refine, None)[1] is None

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segnext.classifier import build_classifier
-from segnext.losses import build_criterion
+from segnext.classifier import MASKED_LOGIT, build_classifier, candidate_mask
+from segnext.losses import build_criterion, downsample_masks
 
 
 def _integrated_outputs(general: torch.Tensor, refine: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -184,3 +184,121 @@ def test_integrated_loss_overfits_tiny_problem():
         pred = model.head.resize_logits(model.eval()(images), (32, 32)).argmax(1)
     valid = masks != 255
     assert (pred[valid] == masks[valid]).float().mean().item() > 0.99
+
+
+def _masked_reference(general, refine, masks, top_k, variance_top_k):
+    """The K-class form of the integrated loss terms (masking with MASKED_LOGIT), at mask size."""
+    size = masks.shape[-2:]
+    general = F.interpolate(general, size=size, mode="bilinear", align_corners=False)
+    refine = F.interpolate(refine, size=size, mode="bilinear", align_corners=False)
+    valid = masks != 255
+    target = masks.masked_fill(~valid, 0).unsqueeze(1)
+    candidates = candidate_mask(general, top_k)
+    masked = refine if candidates is None else refine.masked_fill(~candidates, MASKED_LOGIT)
+    log_probs = F.log_softmax(F.logsigmoid(general) + F.log_softmax(masked, 1), 1)
+    if candidates is not None:
+        refine = refine.masked_fill(~candidates.scatter(1, target, True), MASKED_LOGIT)
+    nll = torch.logsumexp(refine, 1) - refine.gather(1, target).squeeze(1)
+    top = log_probs.topk(min(variance_top_k, general.shape[1]), dim=1).values.exp()
+    n = valid.sum()
+    return (nll * valid).sum() / n, -(top.var(dim=1, correction=0) * valid).sum() / n
+
+
+@pytest.mark.parametrize(
+    ("top_k", "variance_top_k"), [(3, 3), (2, 3), (4, 2), (1, 3), (None, 3), (0, 4)]
+)
+def test_candidate_space_loss_equals_masked_all_class_form(top_k, variance_top_k):
+    torch.manual_seed(0)
+    general = (torch.randn(2, 6, 3, 4) * 3).requires_grad_()
+    refine = (torch.randn(2, 6, 3, 4) * 3).requires_grad_()
+    masks = torch.randint(0, 6, (2, 24, 32))
+    masks[0, :4] = 255
+    criterion = build_criterion("integrated", top_k=top_k, variance_top_k=variance_top_k)
+    _, parts = criterion(_integrated_outputs(general, refine), masks)
+    ref_refine, ref_variance = _masked_reference(general, refine, masks, top_k, variance_top_k)
+    assert parts["refine"].item() == pytest.approx(ref_refine.item(), rel=1e-5)
+    assert parts["variance"].item() == pytest.approx(ref_variance.item(), rel=1e-5, abs=1e-7)
+    # and the same gradients (loss = refine + variance here: general weight 0)
+    criterion = build_criterion(
+        "integrated", top_k=top_k, variance_top_k=variance_top_k, weights={"general": 0.0,
+                                                                           "variance": 1.0}
+    )
+    loss, _ = criterion(_integrated_outputs(general, refine), masks)
+    grads = torch.autograd.grad(loss, (general, refine))
+    expected = torch.autograd.grad(ref_refine + ref_variance, (general, refine))
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_downsample_masks_takes_the_label_under_each_output_pixel_centre():
+    masks = torch.arange(12).view(1, 3, 4).repeat_interleave(8, 1).repeat_interleave(8, 2)
+    masks[0, 3, 4] = 255  # off-centre pixel of block (0, 0): never sampled
+    assert torch.equal(downsample_masks(masks, (3, 4)), torch.arange(12).view(1, 3, 4))
+    line = torch.zeros(1, 1, 16, dtype=torch.long)
+    line[0, 0, 4] = 7  # centre of output pixel 1 of 4 (covers 4..7): floor(1.5 * 4) = 6
+    line[0, 0, 6] = 5
+    assert downsample_masks(line, (1, 4)).tolist() == [[[0, 5, 0, 0]]]
+    assert downsample_masks(masks, (24, 32)) is masks
+
+
+@pytest.mark.parametrize("kind", ["standard", "integrated"])
+def test_logits_resolution_scores_stride_8_logits_against_sampled_masks(kind):
+    torch.manual_seed(0)
+    general, refine = torch.randn(2, 5, 3, 4), torch.randn(2, 5, 3, 4)
+    outputs = _integrated_outputs(general, refine) | {"logits": general}
+    masks = torch.randint(0, 5, (2, 24, 32))
+    masks[1, :8] = 255
+    small = downsample_masks(masks, (3, 4))
+    loss, parts = build_criterion(kind, resolution="logits")(outputs, masks)
+    same, same_parts = build_criterion(kind)(outputs, small)  # at mask size = logits' size
+    assert loss.item() == pytest.approx(same.item(), rel=1e-6)
+    assert parts.keys() == same_parts.keys()
+    full, _ = build_criterion(kind)(outputs, masks)
+    assert abs(full.item() - loss.item()) > 1e-4  # a different (cheaper) loss, not a no-op
+
+
+def test_out_of_range_label_is_rejected_before_downsampling():
+    outputs = _integrated_outputs(torch.randn(1, 3, 2, 2), torch.randn(1, 3, 2, 2))
+    masks = torch.zeros(1, 16, 16, dtype=torch.long)
+    masks[0, 0, 1] = 9  # not under any output pixel centre
+    with pytest.raises(ValueError, match="label 9"):
+        build_criterion("integrated", resolution="logits")(outputs, masks)
+
+
+def test_warm_up_ramps_refine_and_variance_weights_from_zero():
+    torch.manual_seed(0)
+    general = torch.randn(1, 4, 3, 3, requires_grad=True)
+    refine = torch.randn(1, 4, 3, 3, requires_grad=True)
+    outputs = _integrated_outputs(general, refine)
+    masks = torch.randint(0, 4, (1, 24, 24))
+    criterion = build_criterion("integrated", warmup_iters=10, weights={"variance": 0.5})
+    totals = {}
+    for iteration in (0, 5, 10, 50):
+        criterion.set_progress(iteration)
+        loss, parts = criterion(outputs, masks)
+        ramp = min(1.0, iteration / 10)
+        expected = parts["general"] + ramp * (parts["refine"] + 0.5 * parts["variance"])
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+        totals[iteration] = loss
+    criterion.set_progress(0)
+    loss, _ = criterion(outputs, masks)
+    loss.backward()
+    assert not refine.grad.any() and general.grad.any()  # the refinement waits at step 0
+    assert totals[0].item() != pytest.approx(totals[50].item())
+    no_warmup = build_criterion("integrated", weights={"variance": 0.5})
+    no_warmup.set_progress(0)
+    assert no_warmup(outputs, masks)[0].item() == pytest.approx(totals[50].item(), rel=1e-6)
+
+
+def test_set_progress_is_a_no_op_for_the_standard_loss_and_checks_its_input():
+    logits, masks = torch.randn(1, 3, 2, 2), torch.randint(0, 3, (1, 16, 16))
+    criterion = build_criterion("standard", warmup_iters=100)
+    before, _ = criterion({"logits": logits}, masks)
+    criterion.set_progress(0)
+    assert criterion({"logits": logits}, masks)[0].item() == before.item()
+    with pytest.raises(ValueError, match="iteration must be >= 0"):
+        criterion.set_progress(-1)
+    with pytest.raises(ValueError, match="resolution"):
+        build_criterion("standard", resolution="half")
+    with pytest.raises(ValueError, match="warmup_iters"):
+        build_criterion("integrated", warmup_iters=-5)

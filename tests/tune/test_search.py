@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from ray import tune
 
-from pipelines.config import ConfigError, load_config
+from pipelines.config import ConfigError, Dimension, TuneConfig, load_config, with_overrides
 from tune.search import (
     COMPLETED,
     FAILED,
@@ -28,7 +28,6 @@ from tune.search import (
     TRIAL_TAG,
     ResourcePlanError,
     TrialOutcome,
-    _check_schedule,
     params_figure,
     plan_concurrency,
     plan_search,
@@ -36,11 +35,11 @@ from tune.search import (
     results_markdown,
     trial_demand,
 )
-from tune.space import Dimension, SearchSettings, load_search_config
+from tune.space import load_search_config
 
 SEARCH_YAML = """
 model: {{variant: tiny, classifier: integrated, drop_path_rate: 0.0}}
-data: {{root: {shards}, crop_size: [64, 64], ratio_range: [0.75, 1.5], stream_epochs: 10}}
+data: {{root: {shards}, crop_size: [64, 64], ratio_range: [0.75, 1.5]}}
 optim: {{lr: 2.0e-3}}
 schedule: {{iterations: 10, warmup_iters: 1}}
 train: {{global_batch_size: 8, log_every: 5, val_every: 5, checkpoint_every: 5, keep_best: 1,
@@ -98,9 +97,8 @@ def test_plan_fails_early_when_one_trial_does_not_fit() -> None:
 def test_grace_period_must_fit_in_the_schedule(tmp_path: Path) -> None:
     path = tmp_path / "s.yaml"
     path.write_text(SEARCH_YAML.format(shards="/x", store=tmp_path))
-    cfg, settings = load_search_config(path, ["tune.asha.grace_period=3"])
     with pytest.raises(ConfigError, match="tune.asha.grace_period = 3 validations is 15"):
-        _check_schedule(cfg, settings)
+        load_search_config(path, ["tune.asha.grace_period=3"])
 
 
 def test_picture_plots_the_confusing_classes_against_each_weight(tmp_path: Path) -> None:
@@ -195,9 +193,9 @@ def _gpu_cfg(tmp_path: Path, gpus: float, workers: int = 1):
     )
 
 
-def _settings(trials: int, max_concurrent: int | None = None) -> SearchSettings:
-    dim = Dimension("optim.lr", "choice", (1e-3,))
-    return SearchSettings(space={"optim.lr": dim}, trials=trials, max_concurrent=max_concurrent)
+def _settings(trials: int, max_concurrent: int | None = None) -> TuneConfig:
+    dim = Dimension("choice", (1e-3,))
+    return TuneConfig(space={"optim.lr": dim}, trials=trials, max_concurrent=max_concurrent)
 
 
 def test_fractional_gpus_let_trials_share_a_card(tmp_path: Path) -> None:
@@ -211,7 +209,7 @@ def test_fractional_gpus_let_trials_share_a_card(tmp_path: Path) -> None:
     scaling = ray.train.ScalingConfig(
         num_workers=1, use_gpu=True, resources_per_worker=worker_resources(cfg)
     )
-    assert scaling._resources_per_worker_not_none == {"CPU": 1.0, "GPU": 0.25}
+    assert (scaling.num_cpus_per_worker, scaling.num_gpus_per_worker) == (1.0, 0.25)
     concurrency, plan = plan_search(cfg, _settings(8), {"CPU": 16.0, "GPU": 1.0})
     assert concurrency == 4
     assert "GPU: 0.25" in plan[0] and "4 at once" in plan[0]
@@ -229,6 +227,61 @@ def test_gpu_plans_that_do_not_fit_are_refused_with_the_reason(tmp_path: Path) -
     assert "ray.gpus_per_worker" in str(error.value)
     with pytest.raises(ResourcePlanError, match="short of GPU 2 .cluster: 1."):
         plan_search(_gpu_cfg(tmp_path, 2), _settings(4), {"CPU": 16.0, "GPU": 1.0})
+
+
+def test_plan_counts_workers_node_by_node(tmp_path: Path) -> None:
+    """A worker's bundle lives on one node: two 1-GPU nodes hold no 2-GPU worker."""
+    two_nodes = [{"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0, "GPU": 1.0}]
+    with pytest.raises(ResourcePlanError) as error:
+        plan_search(_gpu_cfg(tmp_path, 2), _settings(4), {"CPU": 16.0, "GPU": 2.0}, two_nodes)
+    assert "room on a single node or card" in str(error.value)
+    assert "2 node(s) hold 0 such worker(s)" in str(error.value)
+    # CPUs too: 6 CPUs in all, but no 1.5-CPU node holds a 2-CPU worker
+    cfg = _cfg(tmp_path, "ray.num_workers=1", "ray.cpus_per_worker=2")
+    with pytest.raises(ResourcePlanError, match="4 node.s. hold 0 such worker"):
+        plan_search(cfg, _settings(4), {"CPU": 6.0}, [{"CPU": 1.5}] * 4)
+    assert plan_search(cfg, _settings(4), {"CPU": 6.0}, [{"CPU": 3.0}] * 2)[0] == 2
+
+
+@pytest.mark.slow
+def test_fractional_gpu_plan_matches_ray_on_a_local_cluster_with_fake_gpus(tmp_path: Path) -> None:
+    """Two local nodes declaring one (fake) GPU each: the plan read from the live cluster says
+    four 0.4-GPU trials at once, not five, and Ray's scheduler agrees (four 0.4-GPU bundles are
+    placed, the fifth waits although 2 GPUs - 4 x 0.4 = 0.4 are free); a 2-GPU worker is
+    refused with the reason before anything starts."""
+    import ray
+    from ray.cluster_utils import Cluster
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from tune.search import _plan
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 1})
+    cluster.add_node(num_cpus=2, num_gpus=1)
+    try:
+        ray.init(address=cluster.address)
+        cluster.wait_for_nodes()
+        assert ray.cluster_resources()["GPU"] == 2.0
+        cfg = _cfg(
+            tmp_path,
+            "ray.use_gpu=true",
+            "ray.gpus_per_worker=0.4",
+            "ray.num_workers=1",
+            "ray.cpus_per_worker=0.1",
+            "data.read_cpus=0.1",
+        )
+        notes: list[str] = []
+        assert _plan(cfg, _settings(8), notes) == 4
+        assert "on 2 node(s); 4 at once" in notes[0], notes
+        groups = [placement_group([{"CPU": 0.1, "GPU": 0.4}]) for _ in range(5)]
+        ready, waiting = ray.wait([g.ready() for g in groups], num_returns=5, timeout=20)
+        assert (len(ready), len(waiting)) == (4, 1)
+        for group in groups:
+            remove_placement_group(group)
+        with pytest.raises(ResourcePlanError, match="2 node.s. hold 0 such worker"):
+            _plan(with_overrides(cfg, {"ray.gpus_per_worker": 2.0}), _settings(4), [])
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 @pytest.mark.parametrize(
@@ -300,15 +353,16 @@ def test_warm_start_fits_the_shards_or_the_search_stops_before_ray(
 def test_warm_start_uses_the_source_when_it_exists_else_trains_from_scratch(
     tmp_path: Path, small_shards: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    from tune.search import _warm_start
+    from tune.search import resolve_warm_start
 
     source = _checkpoint(tmp_path / "other", num_classes=3)
     cfg, settings = _warm_search(tmp_path, small_shards, f"{{from: {source}, part: encoder}}")
     notes: list[str] = []
-    prepared = _warm_start(cfg, settings, notes)
+    prepared = resolve_warm_start(cfg, settings, notes)
     assert prepared.cfg.model.init_from == str(source)
     assert prepared.cfg.model.init_part == "encoder"
-    assert notes == [f"warm start: every trial starts from the encoder of {source}"]
+    assert notes == [f"warm start: every trial starts from the encoder of {source} "
+                     "(iteration 1, val/mIoU 0.5000)"]
 
     missing = tmp_path / "none.pt"
     cfg, settings = _warm_search(
@@ -317,7 +371,7 @@ def test_warm_start_uses_the_source_when_it_exists_else_trains_from_scratch(
         f"{{from: {missing}, if_missing: scratch, scratch: {{schedule.iterations: 20}}}}",
     )
     notes = []
-    prepared = _warm_start(cfg, settings, notes)
+    prepared = resolve_warm_start(cfg, settings, notes)
     assert prepared.cfg.model.init_from is None
     assert prepared.cfg.schedule.iterations == 20
     assert notes == [
@@ -348,7 +402,7 @@ def _checkpoint(folder: Path, *, num_classes: int) -> Path:
         "model": model.state_dict(),
         "iteration": 1,
         "epoch": 0,
-        "metrics": {},
+        "metrics": {"val/mIoU": 0.5},
         "config": {},
         "meta": meta,
     }

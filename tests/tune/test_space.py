@@ -8,7 +8,7 @@ import pytest
 from ray.tune.search.sample import Categorical, Float, Integer
 
 from pipelines.config import ConfigError
-from tune.space import load_search_config
+from tune.space import load_search_config, param_space
 
 BASE = (
     "model: {variant: tiny, classifier: integrated}\n"
@@ -46,7 +46,7 @@ def test_all_distributions_parse_and_build_tune_domains(tmp_path: Path) -> None:
     space = settings.space
     assert space["optim.lr"].values == (1e-4, 1e-2) and space["optim.lr"].log_scale
     assert space["optim.weight_decay"].values == (0.0, 0.01)
-    domains = settings.param_space()
+    domains = param_space(settings)
     assert isinstance(domains["optim.lr"], Float)
     assert isinstance(domains["model.classifier_kwargs.top_k"], Categorical)
     assert isinstance(domains["train.seed"], Integer)
@@ -103,7 +103,7 @@ def test_overrides_reach_the_config_and_the_tune_section(tmp_path: Path) -> None
         ("tune:\n  space: {}\n", "tune.space is empty"),
         (
             "tune:\n  trails: 3\n  space:\n    optim.lr: {choice: [0.1]}\n",
-            "unknown key tune.trails; did you mean tune.trials?",
+            "unknown config key tune.trails; did you mean tune.trials?",
         ),
         (
             "tune:\n  trials: 0\n  space:\n    optim.lr: {choice: [0.1]}\n",
@@ -119,25 +119,25 @@ def test_overrides_reach_the_config_and_the_tune_section(tmp_path: Path) -> None
         ),
         (
             "tune:\n  capacity: {GPU: -1}\n  space:\n    optim.lr: {choice: [0.1]}\n",
-            "tune.capacity = {'GPU': -1} must map resource names to positive numbers",
+            "tune.capacity = {'GPU': -1.0} must map resource names to positive numbers",
         ),
         ("", "no `tune:` section"),
         (
             "tune:\n  warm_start: {from: c.pt, part: decoder}\n  space:\n    optim.lr: {choice: [0.1]}\n",
-            "tune.warm_start.part = 'decoder' must be model",
+            "tune.warm_start.part = 'decoder' is not allowed; choose one of 'encoder', 'model'",
         ),
         (
             "tune:\n  warm_start: {part: model}\n  space:\n    optim.lr: {choice: [0.1]}\n",
-            "tune.warm_start.from = None must be a checkpoint path or URI",
+            "tune.warm_start.from is empty; set a checkpoint path or URI",
         ),
         (
             "tune:\n  warm_start: {from: c.pt, form: x}\n  space:\n    optim.lr: {choice: [0.1]}\n",
-            "tune.warm_start.form is unknown",
+            "unknown config key tune.warm_start.form; did you mean tune.warm_start.from?",
         ),
         (
             "tune:\n  warm_start: {from: c.pt, scratch: {schedule.iterations: 9}}\n"
             "  space:\n    optim.lr: {choice: [0.1]}\n",
-            "tune.warm_start.scratch must be a mapping of config overrides, used only with",
+            "tune.warm_start.scratch holds overrides used only with tune.warm_start.if_missing: scratch",
         ),
         (
             "tune:\n  warm_start: {from: c.pt, if_missing: scratch, scratch: {schedule.itr: 9}}\n"
@@ -147,11 +147,11 @@ def test_overrides_reach_the_config_and_the_tune_section(tmp_path: Path) -> None
         (
             "tune:\n  warm_start: {from: c.pt, if_missing: ignore}\n"
             "  space:\n    optim.lr: {choice: [0.1]}\n",
-            "tune.warm_start.if_missing = 'ignore' must be fail or scratch",
+            "tune.warm_start.if_missing = 'ignore' is not allowed; choose one of 'fail', 'scratch'",
         ),
         (
             "tune:\n  classes: car\n  space:\n    optim.lr: {choice: [0.1]}\n",
-            "tune.classes = 'car' must be a list of class names",
+            "tune.classes = 'car' has type str, expected list",
         ),
     ],
 )
