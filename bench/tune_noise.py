@@ -46,7 +46,11 @@ def main() -> int:
     started = time.perf_counter()
     cfg, settings = load_search_config(args.config, args.overrides)
     notes: list[str] = []
-    base = resolve_warm_start(cfg, settings, notes).cfg  # the weights every trial started from
+    base = resolve_warm_start(cfg, settings, notes).cfg
+    searched_from = _search_init_from(base, args.search)
+    if searched_from and searched_from != base.model.init_from:  # the champion moved since
+        base = with_overrides(base, {"model.init_from": searched_from})
+        notes.append(f"warm start: the search's own initial weights {searched_from}")
     path = f"{base.run.storage_path}/{args.search}"
     outcomes = collect_outcomes(path, name=args.search, iterations=base.schedule.iterations)
     scored = [o for o in outcomes if o.best_val_miou is not None]
@@ -93,6 +97,23 @@ def main() -> int:
     print(_markdown(rows, summary, notes))
     print(f"wall time {report['wall_s']:.0f}s; written to {args.out / 'tune_noise.json'}")
     return 0
+
+
+def _search_init_from(cfg, search: str) -> str | None:
+    """`model.init_from` as the search's parent MLflow run recorded it (the resolved file), so
+    the reruns start from the search's weights even if the champion moved since."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines import tracking
+
+    uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
+    run_id = experiment and tracking.find_run(client, experiment.experiment_id, search)
+    if not run_id:
+        return None
+    value = client.get_run(run_id).data.params.get("model.init_from")
+    return None if value in (None, "None") else value
 
 
 def _summary(rows: list[dict]) -> dict:

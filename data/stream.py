@@ -211,7 +211,10 @@ class TrainStream:
         if self.on_error == "skip":
             ledger = SkipLedger.options(name=_ledger_name(self.root, list(self.splits)),
                                         get_if_exists=True).remote()
-        source = ray.data.from_arrow(blocks)
+        # from_blocks keeps one block per micro-batch and reads block metadata here; from_arrow
+        # would start a 1-CPU task per block, which waits forever where Train workers hold the
+        # CPUs (two tune trials on 2 cores). A developer API: tests/test_canaries.py guards it.
+        source = ray.data.from_blocks(blocks)
         source.context.execution_options.preserve_order = True  # plan order is the contract
         source.context.raise_original_map_exception = True  # SampleReadError names shard + key
         source.context.enable_progress_bars = False

@@ -24,7 +24,7 @@ import json
 import math
 import os
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,6 +47,25 @@ from pipelines.serving import SegNeXtPyfunc
 
 mlflow.models.set_model(SegNeXtPyfunc())
 '''
+
+
+@contextmanager
+def _mlflow_chatter_to_log() -> Iterator[None]:
+    """MLflow prints "Registered model ... already exists" / "Created version" lines and a
+    download progress bar to stderr; under the quiet console they belong in the log file (our
+    own summary line names the version)."""
+    from pipelines.console import current_log, log_only
+
+    if current_log() is None:
+        yield
+        return
+    captured = io.StringIO()
+    try:
+        with redirect_stderr(captured):
+            yield
+    finally:
+        if captured.getvalue():
+            log_only(captured.getvalue().rstrip())
 
 
 def register_checkpoint(
@@ -87,7 +106,8 @@ def _register_local(
     run = client.get_run(run_id)  # a clear MlflowException when the run does not exist
     score = _val_miou(payload)
 
-    with using_tracking_uri(uri), _in_run(client, run_id), tempfile.TemporaryDirectory() as folder:
+    with (using_tracking_uri(uri), _in_run(client, run_id), _mlflow_chatter_to_log(),
+          tempfile.TemporaryDirectory() as folder):
         entry_point = Path(folder) / "segnext_pyfunc.py"
         entry_point.write_text(ENTRY_POINT)
         info = mlflow.pyfunc.log_model(

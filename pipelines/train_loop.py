@@ -147,6 +147,8 @@ def build_criterion(cfg: ExperimentConfig, meta: ModelMeta) -> nn.Module:
         weights=cfg.loss.weights,
         top_k=cfg.model.classifier_kwargs.get("top_k", 3),
         variance_top_k=cfg.loss.variance_top_k,
+        resolution=cfg.loss.resolution,
+        warmup_iters=cfg.loss.warmup_iters,
     )
 
 
@@ -202,6 +204,7 @@ class TrainLoop:
         try:
             while state.iteration < total:
                 seeds = [plan.micro_seed(state.iteration, micro) for micro in micro_batches]
+                self.criterion.set_progress(state.iteration)  # loss warm-up: by position only
                 try:
                     result = train_step(self.model, batches, self.criterion, self.optimizer,
                                         accumulation=self.accumulation, scheduler=self.scheduler,

@@ -84,6 +84,21 @@ def test_data_context_attributes_the_stream_sets_exist() -> None:
         assert hasattr(options, name), f"ExecutionOptions.{name} is gone; set by {used_by}"
 
 
+def test_from_blocks_keeps_blocks_and_starts_no_task() -> None:
+    """`ray.data.from_blocks` (a developer API) builds the training stream: one block per
+    micro-batch, metadata read in-process. If it changes, TrainStream.dataset must too."""
+    import inspect
+
+    import ray.data
+
+    used_by = "data/stream.py (TrainStream.dataset)"
+    assert hasattr(ray.data, "from_blocks"), f"ray.data.from_blocks is gone; used by {used_by}"
+    assert list(inspect.signature(ray.data.from_blocks).parameters) == ["blocks"], used_by
+    source = inspect.getsource(ray.data.from_blocks)
+    assert ".remote(" not in source, f"from_blocks now starts Ray tasks; see {used_by}"
+    assert "FromBlocks" in source, f"from_blocks no longer keeps the given blocks; see {used_by}"
+
+
 def test_error_attributes_the_root_cause_is_read_from() -> None:
     """Read with getattr: a rename would silently report Ray's wrapper instead of the user's
     error."""
