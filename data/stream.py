@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -187,6 +187,7 @@ class TrainStream:
     read_cpus: float = 0.25
     concurrency: int | None = None
     rows_per_dataset: int = CHUNK_ROWS
+    ledger: object | None = None  # SkipLedger handle (skip mode), see `with_skip_ledger`
 
     def dataset(self, *, world: int, rank: int, start: int, stop: int) -> Dataset:
         """The Ray Dataset of this worker's micro-batches for steps [start, stop), in plan order:
@@ -207,10 +208,9 @@ class TrainStream:
                           for name, values in columns.items()})
         size = plan.micro_batch_size
         blocks = [table.slice(offset, size) for offset in range(0, table.num_rows, size)]
-        ledger = None
-        if self.on_error == "skip":
-            ledger = SkipLedger.options(name=_ledger_name(self.root, list(self.splits)),
-                                        get_if_exists=True).remote()
+        ledger = self.ledger
+        if self.on_error == "skip" and ledger is None:  # used without a driver (benches, tests)
+            ledger = self._named_ledger()
         # from_blocks keeps one block per micro-batch and reads block metadata here; from_arrow
         # would start a 1-CPU task per block, which waits forever where Train workers hold the
         # CPUs (two tune trials on 2 cores). A developer API: tests/test_canaries.py guards it.
@@ -225,6 +225,25 @@ class TrainStream:
             num_cpus=self.read_cpus,
             compute=TaskPoolStrategy(size=self.concurrency),
         )
+
+    def with_skip_ledger(self) -> TrainStream:
+        """This stream with its skip-mode ledger created in the calling process (the driver):
+        an actor is owned by its creator and dies with it, the driver reads the count after the
+        workers have exited, and the handle travels with the stream (Train workers may live in
+        another namespace, where a lookup by name would find nothing). Shards the index left
+        out are recorded once, here."""
+        if self.on_error != "skip" or self.ledger is not None:
+            return self
+        ledger = self._named_ledger()
+        if self.index.skipped:
+            ray.get(ledger.record.remote([{"shard": self.root, "key": "*", "samples":
+                                           self.index.skipped,
+                                           "reason": "shard missing or damaged (index)"}]))
+        return replace(self, ledger=ledger)
+
+    def _named_ledger(self) -> object:
+        return SkipLedger.options(name=_ledger_name(self.root, list(self.splits)),
+                                  get_if_exists=True).remote()
 
     def micro_batches(
         self, *, world: int, rank: int, start: int, stop: int, device: torch.device | str = "cpu",

@@ -358,10 +358,11 @@ def _fit(cfg, prepared, run_name, storage_path, callbacks, *, tracking_uri, run_
     from pipelines.train_loop import WorkerArgs
 
     configure_data_context(progress_bars=False)
+    stream = prepared.stream.with_skip_ledger()  # skip mode: counts kept by the driver
     # Each worker streams its own share of the batch plan (data.stream.TrainStream), and
     # validation reads its split on the workers (pipelines.validation), at original size.
     args = WorkerArgs(
-        experiment=to_dict(cfg), meta=prepared.meta, stream=prepared.stream,
+        experiment=to_dict(cfg), meta=prepared.meta, stream=stream,
         tracking_uri=tracking_uri, run_id=run_id,
         fault_marker=_fault_marker(storage_path, run_name, run_id),
     )

@@ -136,10 +136,11 @@ def test_sample_pipeline_survives_pickling(synthetic_shards: Path) -> None:
 def ray_cluster():
     ray = pytest.importorskip("ray")
     from data.stream import configure_data_context
+    from pipelines.cluster import init_ray
 
     started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    if started:  # a private cluster: never one a `ray start` elsewhere left in the address file
+        init_ray("local", num_cpus=2)
     configure_data_context()
     yield ray
     if started:

@@ -137,6 +137,21 @@ def test_fused_msca_switch_keeps_checkpoint_keys(workdir: Path, fused: bool) -> 
     assert list(model.state_dict()) == list(reference.state_dict())
 
 
+def _corrupt_first_planned_image(root: Path, splits: list[str], global_batch: int) -> None:
+    """Overwrite the image bytes of the first sample the batch plan trains on (seed 0), so the
+    run is sure to read it (a plan leaves an epoch's remainder out)."""
+    from data.plan import BatchPlan
+    from data.sample_index import build_sample_index
+    from data.shards import load_manifest
+
+    index, _ = build_sample_index(load_manifest(root), splits)
+    first = BatchPlan(len(index), global_batch, global_batch, seed=0).epoch_order(0)[0]
+    row = index.rows([first])
+    with open(row["shard"][0], "r+b") as handle:
+        handle.seek(int(row["image_at"][0]))
+        handle.write(b"\0" * 64)
+
+
 def _corrupt_first_image(root: Path, split: str = "train") -> None:
     """Overwrite the first image's bytes of `split` in place (same size: only decoding can tell)."""
     import tarfile
@@ -164,7 +179,7 @@ def test_validation_scores_as_eval_and_skips_are_tracked(workdir: Path, ray_sess
 
     shards = workdir / "broken-shards"
     shutil.copytree(workdir / "shards", shards)
-    _corrupt_first_image(shards)
+    _corrupt_first_planned_image(shards, ["train", "val"], global_batch=8)
     cfg = load_config(workdir / "exp.yaml", [
         f"data.root={shards}", "data.train_split=[train, val]", "data.scale=[48, 40]",
         "data.on_error=skip", "schedule.iterations=4", "run.name=skips",
@@ -172,7 +187,10 @@ def test_validation_scores_as_eval_and_skips_are_tracked(workdir: Path, ray_sess
     result = train_module.train(cfg)
     assert result.iteration == 4
     latest = load_checkpoint(workdir / "ray" / "skips" / "checkpoint_0000004")
-    assert latest["epoch"] == 4 * 8 // (32 + 6)  # the epoch follows both splits' counts
+    # the epoch follows both splits' counts: 38 samples hold 4 global batches of 8, so after 4
+    # steps the next step opens epoch 1
+    assert latest["epoch"] == 4 // ((32 + 6) // 8) == 1
+    assert latest["data_position"]["num_samples"] == 38
 
     scored = evaluate(str(workdir / "ray" / "skips" / "checkpoint_0000004"), str(shards),
                       split="val", distributed="off", progress=False)
