@@ -36,6 +36,7 @@ from ray.data import DataContext, Dataset, ExecutionResources, TaskPoolStrategy
 from data.plan import BatchPlan
 from data.sample_index import SampleIndex, split_label
 from data.samples import FIX_HINT, SamplePipeline, SampleReadError, build_pipeline
+from data.scheduler_idle import install_idle_wait
 from data.shards import load_manifest
 from data.transforms import to_training_batch
 
@@ -214,6 +215,7 @@ class TrainStream:
         # from_blocks keeps one block per micro-batch and reads block metadata here; from_arrow
         # would start a 1-CPU task per block, which waits forever where Train workers hold the
         # CPUs (two tune trials on 2 cores). A developer API: tests/test_canaries.py guards it.
+        install_idle_wait()  # the executor runs in this process: no spinning while ahead
         source = ray.data.from_blocks(blocks)
         source.context.execution_options.preserve_order = True  # plan order is the contract
         source.context.raise_original_map_exception = True  # SampleReadError names shard + key

@@ -173,3 +173,20 @@ def test_a_missing_registered_model_or_alias_reads_as_missing(tmp_path: Path) ->
         except Exception as error:
             pytest.fail(f"MLflow's error for {source} changed ({error!r}); read by {used_by}")
         pytest.fail(f"{source} resolved in an empty registry; {used_by}")
+
+
+def test_scheduling_loop_still_skips_its_wait_when_nothing_runs() -> None:
+    """data/scheduler_idle.py wraps `process_completed_tasks` as the executor module calls it,
+    because that function only waits (`ray.wait`) when tasks are in flight. If Ray moves the
+    call or starts waiting by itself, the wrapper is wrong or obsolete: look again."""
+    used_by = "data/scheduler_idle.py (install_idle_wait, called by TrainStream.dataset)"
+    executor = "ray.data._internal.execution.streaming_executor"
+    _hook(executor, "process_completed_tasks", used_by)
+    loop = inspect.getsource(_hook(executor, "StreamingExecutor", used_by)._scheduling_loop_step)
+    assert "process_completed_tasks(" in loop, f"the loop no longer calls it; see {used_by}"
+    state = _hook("ray.data._internal.execution.streaming_executor_state",
+                  "process_completed_tasks", used_by)
+    assert "if active_tasks:" in inspect.getsource(state), (
+        f"process_completed_tasks changed how it waits; the idle wait may be obsolete: {used_by}")
+    operator = _hook("ray.data._internal.execution.interfaces", "PhysicalOperator", used_by)
+    assert hasattr(operator, "num_active_tasks"), f"PhysicalOperator.num_active_tasks: {used_by}"

@@ -141,7 +141,7 @@ def test_tune_section_is_a_typed_section_of_the_one_config() -> None:
     assert cfg.tune.trials == 2 and cfg.optim.lr == 1e-3
     assert cfg.tune.space["optim.lr"].to_config() == {"choice": [1e-3, 2e-3]}
     assert cfg.tune.warm_start.source == "models:/segnext-demo@champion"
-    assert cfg.tune.warm_start.scratch["schedule.iterations"] == 400
+    assert cfg.tune.warm_start.scratch["schedule.iterations"] == 800
     assert with_overrides(cfg, {}) == cfg  # to_dict writes `from:` and distributions back
     assert "from: models:/segnext-demo@champion" in to_yaml(cfg)
     assert load_config(CONFIGS / "demo.yaml").tune is None
@@ -154,10 +154,10 @@ def test_tune_section_is_a_typed_section_of_the_one_config() -> None:
         ("tune.space.ray.num_workers={choice: [1, 2]}", "ray.* is shared by all trials"),
         ("tune.warm_start.scratch={schedule.itr: 9}", "unknown config key schedule.itr"),
         ("tune.warm_start.part=decoder", "choose one of 'encoder', 'model'"),
-        ("tune.asha.grace_period=4", "4 validations is 200 iterations, beyond schedule"),
+        ("tune.asha.grace_period=5", "5 validations is 500 iterations, beyond schedule"),
         (
-            "tune.warm_start.scratch.train.val_every=500",  # one entry of the dotted mapping
-            "is 500 iterations, beyond schedule.iterations (400) (with tune.warm_start.scratch)",
+            "tune.warm_start.scratch.train.val_every=900",  # one entry of the dotted mapping
+            "is 900 iterations, beyond schedule.iterations (800) (with tune.warm_start.scratch)",
         ),
         ("tune.max_concurrent=0", "tune.max_concurrent = 0 must be >= 1"),
         ("tune.trials=two", "tune.trials = 'two' has type str, expected int"),
