@@ -28,6 +28,12 @@ from pipelines.config import ConfigError
 WORKER_ENV = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 PROBE_TIMEOUT_S = 3.0
 GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"  # read by Ray when it starts a head node
+# Ray's raylet starts ("prestarts") a worker process for each task of a lease backlog. The
+# training stream's read tasks queue behind the CPUs that Train workers hold, so the raylet
+# started workers that never got a CPU and were killed as idle seconds later, over and over:
+# on the 2-core machine 338 processes in 18 minutes of CamVid training (each ~1 CPU-s of Python
+# start-up), and training fell from 6 to 3 img/s. Workers then start when a task can run.
+RAYLET_CONFIG = {"enable_worker_prestart": False}
 
 
 def init_ray(
@@ -158,6 +164,7 @@ def _start_private(num_cpus: int | None, worker_env: dict[str, str], options: di
     os.environ[GCS_PORT_ENV] = address.rsplit(":", 1)[1]
     try:
         ray.init(address="local", num_cpus=num_cpus,
+                 _system_config=dict(RAYLET_CONFIG),  # a copy: Ray adds its own keys to it
                  runtime_env={"env_vars": {**worker_env, "RAY_ADDRESS": address}}, **options)
     finally:
         for name, value in saved.items():

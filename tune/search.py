@@ -211,7 +211,8 @@ def run_search(
             concurrency=concurrency,
             resume=resume,
             retry_failed=retry_failed,
-            callbacks=[search_progress(cfg.schedule.iterations), *(callbacks or [])],
+            callbacks=[search_progress(cfg.schedule.iterations, settings.total_trials),
+                       *(callbacks or [])],
         )
         tuner.fit()
         outcomes = collect_outcomes(path, name=name, iterations=cfg.schedule.iterations)
@@ -499,9 +500,9 @@ def _shutdown_ray() -> None:
         ray.shutdown()
 
 
-def search_progress(iterations: int):
+def search_progress(iterations: int, total: int = 0):
     """A `SearchProgress` Tune callback (defined here so that importing this module needs no
-    Ray)."""
+    Ray). `total`: the trials the search will run (Tune creates them as slots free up)."""
     from ray import tune
 
     class SearchProgress(tune.Callback):
@@ -509,8 +510,9 @@ def search_progress(iterations: int):
         stopped early by the scheduler or failed, and the best score so far (on a terminal
         the console shows it as a live line, see pipelines.console)."""
 
-        def __init__(self, iterations: int) -> None:
+        def __init__(self, iterations: int, total: int) -> None:
             self.iterations = iterations
+            self.total = total
             self.best: tuple[float, str] | None = None
             self.last_line = ""
 
@@ -545,10 +547,10 @@ def search_progress(iterations: int):
             best = "n/a" if self.best is None else f"{self.best[0]:.4f} ({self.best[1]})"
             return (
                 f"[segnext tune] trials: {running} running, {len(ended) - stopped} done, "
-                f"{stopped} stopped early, {failed} failed of {len(trials)}; best {SCORE} {best}"
+                f"{stopped} stopped early, {failed} failed of {max(self.total, len(trials))}; best {SCORE} {best}"
             )
 
-    return SearchProgress(iterations)
+    return SearchProgress(iterations, total)
 
 
 def _build_tuner(

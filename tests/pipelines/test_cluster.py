@@ -66,3 +66,22 @@ def test_explicit_addresses_are_probed(
         assert resolve_address(live) == live
         monkeypatch.setenv("RAY_ADDRESS", live)
         assert resolve_address(None) == live
+
+
+def test_a_private_cluster_gets_the_raylet_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No worker prestart: read tasks that wait for CPUs held by Train workers must not start
+    processes that are killed as idle (RAYLET_CONFIG)."""
+    import ray
+
+    from pipelines.cluster import RAYLET_CONFIG, init_ray
+
+    assert RAYLET_CONFIG == {"enable_worker_prestart": False}
+    if ray.is_initialized():
+        ray.shutdown()
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    init_ray("local", num_cpus=1)
+    try:
+        node = ray._private.worker.global_worker.node
+        assert node._ray_params._system_config["enable_worker_prestart"] is False
+    finally:
+        ray.shutdown()

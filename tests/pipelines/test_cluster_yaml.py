@@ -41,3 +41,13 @@ def test_nodes_install_this_project_with_pinned_torch(config: dict) -> None:
     assert "whl/cu" in " ".join(config["worker_setup_commands"])
     for remote, local in config["file_mounts"].items():
         assert (REPO / local).resolve() == REPO, (remote, local)
+
+
+def test_nodes_start_ray_with_the_raylet_config_of_private_clusters(config: dict) -> None:
+    """A `ray up` cluster runs its raylets as `init_ray` runs a private one (RAYLET_CONFIG)."""
+    from pipelines.cluster import RAYLET_CONFIG
+
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = next(c for c in config[key] if "ray start" in c)
+        for name, value in RAYLET_CONFIG.items():
+            assert f"RAY_{name}={int(value)}" in start, (key, name)

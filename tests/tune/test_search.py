@@ -570,3 +570,5 @@ def test_search_progress_line_counts_trials_and_best() -> None:
         "[segnext tune] trials: 1 running, 1 done, 1 stopped early, 1 failed of 5; "
         "best val/mIoU 0.5000 (b)"
     )
+    # Tune creates trials as slots free up: the count is the search's, not the trials seen yet
+    assert "failed of 8;" in search_progress(iterations=100, total=8).line(trials)
