@@ -28,12 +28,13 @@ from pipelines.config import ConfigError
 WORKER_ENV = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 PROBE_TIMEOUT_S = 3.0
 GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"  # read by Ray when it starts a head node
-# Ray's raylet starts ("prestarts") a worker process for each task of a lease backlog. The
-# training stream's read tasks queue behind the CPUs that Train workers hold, so the raylet
-# started workers that never got a CPU and were killed as idle seconds later, over and over:
-# on the 2-core machine 338 processes in 18 minutes of CamVid training (each ~1 CPU-s of Python
-# start-up), and training fell from 6 to 3 img/s. Workers then start when a task can run.
-RAYLET_CONFIG = {"enable_worker_prestart": False}
+# The raylet kills idle task workers beyond `num_workers_soft_limit` (default: the CPU count).
+# The training stream's read tasks come in bursts (several fractional-CPU tasks per step), so
+# with the default the raylet killed the surplus after each burst and started new ones for the
+# next: on the 2-core machine 338 worker processes in 18 minutes of CamVid training (each about
+# a CPU-second of Python start-up), and training fell from 6 to 3 img/s. A higher limit keeps
+# the workers a burst needed (no more than CPUs / data.read_cpus of them; ~200 MB each).
+RAYLET_CONFIG = {"num_workers_soft_limit": 64}
 
 
 def init_ray(

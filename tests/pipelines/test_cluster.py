@@ -69,19 +69,18 @@ def test_explicit_addresses_are_probed(
 
 
 def test_a_private_cluster_gets_the_raylet_config(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No worker prestart: read tasks that wait for CPUs held by Train workers must not start
-    processes that are killed as idle (RAYLET_CONFIG)."""
+    """Idle read-task workers are kept (RAYLET_CONFIG): no process churn between bursts."""
     import ray
 
     from pipelines.cluster import RAYLET_CONFIG, init_ray
 
-    assert RAYLET_CONFIG == {"enable_worker_prestart": False}
+    assert RAYLET_CONFIG == {"num_workers_soft_limit": 64}
     if ray.is_initialized():
         ray.shutdown()
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     init_ray("local", num_cpus=1)
     try:
         node = ray._private.worker.global_worker.node
-        assert node._ray_params._system_config["enable_worker_prestart"] is False
+        assert node._ray_params._system_config["num_workers_soft_limit"] == 64
     finally:
         ray.shutdown()
