@@ -219,6 +219,7 @@ def diagnose(checkpoint: str, shards: Path, cfg) -> dict[str, float]:
     k = model.num_classes
     general_cm, refine_cm, final_cm = ConfusionMatrix(k), ConfusionMatrix(k), ConfusionMatrix(k)
     counts = {"valid": 0, "in_top_k": 0, "final_right_in_top_k": 0}
+    class_valid, class_hits = torch.zeros(k), torch.zeros(k)
     for batch in loader:
         images, masks = batch["images"], batch["masks"]
         outputs = model.decode_head(model.backbone(images)[1:])
@@ -243,6 +244,8 @@ def diagnose(checkpoint: str, shards: Path, cfg) -> dict[str, float]:
         counts["valid"] += int(valid.sum())
         counts["in_top_k"] += int(hit.sum())
         counts["final_right_in_top_k"] += int((right & hit).sum())
+        class_valid += torch.bincount(target[valid], minlength=k).float()
+        class_hits += torch.bincount(target[hit], minlength=k).float()
         general_cm.update(ranking.argmax(1), masks)
         final_cm.update(final.argmax(1), masks)
     general, final = general_cm.compute(), final_cm.compute()
@@ -250,6 +253,8 @@ def diagnose(checkpoint: str, shards: Path, cfg) -> dict[str, float]:
         f"top{TOP_K}_recall": counts["in_top_k"] / max(counts["valid"], 1),
         f"final_acc_given_top{TOP_K}": counts["final_right_in_top_k"] / max(counts["in_top_k"], 1),
         "final_aAcc_train_res": final["aAcc"],
+        # which classes the ranking leaves out of the candidates (a rare class never chosen)
+        f"class_top{TOP_K}_recall": (class_hits / class_valid.clamp(min=1)).tolist(),
     }
     if integrated:
         refine = refine_cm.compute()
@@ -344,6 +349,10 @@ def markdown(results: dict[str, dict], names: list[str], changes: list[dict]) ->
         f"final acc. where true class in top-{TOP_K}",
         [pct(100 * results[h]["diag"][f"final_acc_given_top{TOP_K}"]) for h in heads],
     )
+    for i, name in enumerate(names):
+        recall = f"class_top{TOP_K}_recall"
+        row(f"top-{TOP_K} recall {name}",
+            [pct(100 * results[h]["diag"][recall][i]) for h in heads])
     if "integrated" in results:
         diag = results["integrated"]["diag"]
         for label, part in (("general classifier", "general"), ("refinement", "refine")):
@@ -450,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             client.log_batch(
                 result["run_id"],
-                metrics=[Metric(f"diag/{k}", float(v), 0, 0) for k, v in result["diag"].items()],
+                metrics=[Metric(f"diag/{k}", float(v), 0, 0) for k, v in result["diag"].items()
+                         if not isinstance(v, list)],
             )
             names = evaluation.class_names
             results[head] = result

@@ -222,7 +222,7 @@ def test_search_run_page_description(ui):
     assert text.startswith("**Hyper-parameter search `ui-search`**: 4 trials (random sampling, "
                            "ASHA: grace period 1 validation(s), reduction factor 3), at most 2")
     assert "- `optim.lr`: loguniform(0.0003, 0.006)" in text
-    assert "SegNeXt-tiny, integrated classifier, 150 iterations" in text
+    assert "SegNeXt-tiny, integrated classifier, 400 iterations" in text
     result = text.split("### Result")[1]
     assert "finished in 1.5 min: 1 completed, 1 stopped early, 0 failed" in result
     assert ("Best trial `t1`: val mIoU **0.7000** with `optim.lr`=0.001, "
