@@ -158,10 +158,12 @@ def train_head(cfg, run_name: str, out: Path, parent_run_id: str) -> dict[str, A
         raise RuntimeError(f"run {run_name} reported no checkpoint; see {result.path}")
     client = MlflowClient(cfg.mlflow.tracking_uri)
 
+    def points(key: str) -> list:
+        return sorted(client.get_metric_history(result.run_id, key), key=lambda m: m.step)
+
     def history(key: str) -> list[float]:
-        points = sorted(client.get_metric_history(result.run_id, key), key=lambda m: m.step)
-        steady = [m.value for m in points if m.step > cfg.train.log_every]  # start-up excluded
-        return steady or [m.value for m in points]
+        steady = [m.value for m in points(key) if m.step > cfg.train.log_every]  # start-up excluded
+        return steady or [m.value for m in points(key)]
 
     images = cfg.schedule.iterations * cfg.train.global_batch_size
     return {
@@ -169,10 +171,7 @@ def train_head(cfg, run_name: str, out: Path, parent_run_id: str) -> dict[str, A
         "checkpoint": result.best_checkpoint,
         "iterations": result.iteration,
         "val_mIoU": result.best_val_miou,
-        "val_curve": [
-            (m.step, m.value)
-            for m in sorted(client.get_metric_history(result.run_id, SCORE), key=lambda m: m.step)
-        ],
+        "val_curve": [(m.step, m.value) for m in points(SCORE)],
         "train_wall_s": wall,
         "images_per_s": statistics.median(history("perf/images_per_s")),
         "step_s": statistics.median(history("perf/step_time_s")),

@@ -41,9 +41,3 @@ def install_idle_wait(idle_wait_s: float = IDLE_WAIT_S) -> None:
 
     setattr(process_completed_tasks, _MARK, True)
     streaming_executor.process_completed_tasks = process_completed_tasks
-
-
-def idle_wait_installed() -> bool:
-    from ray.data._internal.execution import streaming_executor
-
-    return bool(getattr(streaming_executor.process_completed_tasks, _MARK, False))
