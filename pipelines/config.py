@@ -94,6 +94,12 @@ class ScheduleConfig:
     power: float = 1.0
 
 
+# The standard head keeps the official unweighted CE. The integrated head's one-vs-rest BCE is
+# ruled by the negatives of a rare class, which then drops out of the top-k candidates;
+# 0.5 took CamVid from 37.64 to 40.82 test mIoU (BENCHMARKS.md, issue 18).
+DEFAULT_CLASS_BALANCE = {"standard": 0.0, "integrated": 0.5}
+
+
 @dataclass
 class LossConfig:
     average: Literal["valid", "all"] = "valid"
@@ -106,6 +112,18 @@ class LossConfig:
     resolution: Literal["mask", "logits"] = "mask"
     # Integrated loss: w_ref and w_var ramp linearly from 0 over this many iterations (0: off).
     warmup_iters: int = 0
+    # The true class's loss term (standard: the CE; integrated: the general BCE's positive
+    # term) weighs ((1 - f_c) / f_c) ** class_balance, f_c the class's pixel share in the
+    # training split(s): 0 unweighted, 1 the prior odds cancelled. None: the head's default,
+    # DEFAULT_CLASS_BALANCE. class_frequencies: None = read from the shards' manifest.
+    class_balance: float | None = None
+    class_frequencies: list[float] | None = None
+
+    def class_balance_for(self, classifier: str) -> float:
+        """`class_balance`, or the head's default where it is unset."""
+        if self.class_balance is not None:
+            return self.class_balance
+        return DEFAULT_CLASS_BALANCE[classifier]
 
 
 @dataclass
@@ -568,6 +586,17 @@ def _validate(cfg: ExperimentConfig, source: str) -> None:
     require(not unknown_weights, "loss.weights", "keys must be general, refine, variance")
     require(cfg.loss.variance_top_k >= 2, "loss.variance_top_k", "must be >= 2")
     require(cfg.loss.warmup_iters >= 0, "loss.warmup_iters", "must be >= 0 (0: no warm-up)")
+    require(
+        cfg.loss.class_balance is None or 0 <= cfg.loss.class_balance <= 1,
+        "loss.class_balance",
+        "must be in [0, 1] (0: unweighted) or unset (the head's default)",
+    )
+    require(
+        cfg.loss.class_frequencies is None
+        or all(0 <= f <= 1 for f in cfg.loss.class_frequencies),
+        "loss.class_frequencies",
+        "must list each class's pixel share in [0, 1] (or be unset: read from the manifest)",
+    )
     for key in ("log_every", "val_every", "checkpoint_every", "keep_best", "global_batch_size"):
         require(getattr(cfg.train, key) > 0, f"train.{key}", "must be > 0")
     require(cfg.train.max_failures >= -1, "train.max_failures", "must be >= -1 (-1: forever)")

@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 from pipelines.cluster import WORKER_ENV, init_ray
 from pipelines.config import ConfigError, ExperimentConfig, load_config, to_dict, to_yaml
+from pipelines.metric_names import SCORE
 
 if TYPE_CHECKING:
+    from data.shards import Manifest
     from data.stream import TrainStream
     from pipelines.meta import ModelMeta
-from pipelines.metric_names import SCORE
 
 CURVES = ("train/loss", SCORE, "val/aAcc", "perf/images_per_s")
 
@@ -216,6 +217,7 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
                 f"data.{key} = {value!r} is not in {root} (splits: {sorted(manifest.splits)})"
             )
     _check_shards_present(manifest, [cfg.data.val_split], cfg.data.on_error)
+    cfg = replace(cfg, loss=replace(cfg.loss, class_frequencies=_class_frequencies(cfg, manifest)))
     stream = _train_stream(cfg, root)
     pretrained = cfg.model.pretrained
     if pretrained and _is_local(pretrained):
@@ -255,6 +257,38 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
     )
     return Prepared(cfg=cfg, meta=meta, num_params=sum(p.numel() for p in model.parameters()),
                     train_samples=len(stream.index), stream=stream)
+
+
+def _class_frequencies(cfg: ExperimentConfig, manifest: Manifest) -> list[float] | None:
+    """The training split(s)' class pixel shares (given or from the manifest's counts).
+
+    Read even where `loss.class_balance` is 0, so that a search trial that raises it finds
+    them; missing counts are an error only where the balance needs them.
+    """
+    num_classes = len(manifest.classes)
+    given = cfg.loss.class_frequencies
+    if given is not None:
+        if len(given) != num_classes:
+            raise ConfigError(
+                f"loss.class_frequencies lists {len(given)} values for {num_classes} classes; "
+                "give one pixel share per class or unset it to read the manifest's counts"
+            )
+        return list(given)
+    counts = [0] * num_classes
+    for split in cfg.data.train_splits:
+        for c, n in enumerate(manifest.class_pixel_counts.get(split, [])):
+            counts[c] += n
+    total = sum(counts)
+    if total > 0:
+        return [n / total for n in counts]
+    balance = cfg.loss.class_balance_for(cfg.model.classifier)
+    if balance > 0:
+        raise ConfigError(
+            f"loss.class_balance = {balance} ({cfg.model.classifier} head) needs class pixel "
+            f"counts, but the manifest of {cfg.data.root} has none for {cfg.data.train_splits}; "
+            "set loss.class_frequencies, or loss.class_balance=0"
+        )
+    return None
 
 
 def _train_stream(cfg: ExperimentConfig, root: str) -> TrainStream:

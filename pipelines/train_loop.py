@@ -38,6 +38,7 @@ from pipelines.optim import RecipeSchedule, build_optimizer
 from pipelines.train_step import train_step
 from pipelines.validator import ValidationFailed, Validator, log_validation, summarize
 from segnext.fast import apply_fast_path
+from segnext.losses import class_balance_weights
 
 # Depth-wise conv weight gradients differ from their parameters only in the stride of a size-1
 # dimension; DDP still flags it although the layouts are equivalent.
@@ -140,6 +141,11 @@ def build_model(cfg: ExperimentConfig, num_classes: int) -> segnext.SegNeXt:
 
 
 def build_criterion(cfg: ExperimentConfig, meta: ModelMeta) -> nn.Module:
+    """The loss `cfg` describes; `cfg.loss.class_frequencies` was filled in by the driver."""
+    class_weights = None
+    balance = cfg.loss.class_balance_for(cfg.model.classifier)
+    if balance > 0:
+        class_weights = class_balance_weights(cfg.loss.class_frequencies, balance)
     return segnext.build_criterion(
         cfg.model.classifier,
         ignore_index=meta.ignore_index,
@@ -149,6 +155,7 @@ def build_criterion(cfg: ExperimentConfig, meta: ModelMeta) -> nn.Module:
         variance_top_k=cfg.loss.variance_top_k,
         resolution=cfg.loss.resolution,
         warmup_iters=cfg.loss.warmup_iters,
+        class_weights=class_weights,
     )
 
 

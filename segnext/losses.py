@@ -13,7 +13,7 @@ official mmsegmentation quirk). Zero valid pixels give a loss of exactly 0 with 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -102,7 +102,21 @@ class _PixelLoss(nn.Module):
 
 
 class CrossEntropyCriterion(_PixelLoss):
-    """Official SegNeXt loss: softmax cross-entropy on resized logits, ignore index excluded."""
+    """Official SegNeXt loss: softmax cross-entropy on resized logits, ignore index excluded.
+
+    `class_weights` (None: official, unweighted) multiply each pixel's term by its true class's
+    weight; the normaliser stays the pixel count, as for the integrated loss.
+    """
+
+    def __init__(
+        self,
+        ignore_index: int = 255,
+        average: str = "valid",
+        resolution: str = "mask",
+        class_weights: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__(ignore_index, average, resolution)
+        self.register_buffer("class_weights", _weights_tensor(class_weights), persistent=False)
 
     def forward(self, outputs: Mapping[str, torch.Tensor], masks: torch.Tensor) -> LossOutput:
         size = self.loss_size(outputs["logits"], masks)
@@ -110,8 +124,31 @@ class CrossEntropyCriterion(_PixelLoss):
         masks = downsample_masks(check_masks(masks, logits.shape[1], self.ignore_index), size)
         valid = masks != self.ignore_index
         ce = F.cross_entropy(logits, masks, ignore_index=self.ignore_index, reduction="none")
+        ce = ce * _true_class_weight(self.class_weights, masks.masked_fill(~valid, 0), logits)
         loss = (ce * self.pixel_weights(valid)).sum()
         return loss, {"ce": loss.detach()}
+
+
+def _weights_tensor(class_weights: Sequence[float] | None) -> torch.Tensor | None:
+    if class_weights is None:
+        return None
+    if not all(w > 0 for w in class_weights):
+        raise ValueError(f"class_weights must all be > 0, got {list(class_weights)}")
+    return torch.tensor([float(w) for w in class_weights])
+
+
+def _true_class_weight(
+    class_weights: torch.Tensor | None, target: torch.Tensor, logits: torch.Tensor
+) -> torch.Tensor | float:
+    """Per-pixel weight of the true class (B,H,W), or 1.0 without class weights."""
+    if class_weights is None:
+        return 1.0
+    if class_weights.numel() != logits.shape[1]:
+        raise ValueError(
+            f"class_weights has {class_weights.numel()} entries for {logits.shape[1]} classes; "
+            "give one weight per class"
+        )
+    return class_weights.to(logits.device)[target]
 
 
 class IntegratedCriterion(_PixelLoss):
@@ -124,6 +161,11 @@ class IntegratedCriterion(_PixelLoss):
     L_ref: cross-entropy of the refinement softmax restricted to the general top-k candidates
         *plus the true class* (teacher forcing: where the general classifier missed the true
         class, the refiner still learns to pick it among the confusing candidates; always finite).
+    `class_weights` (see `class_balance_weights`) weigh the true class's term of both: the
+        positive term of L_gen and the pixel's L_ref, as in a weighted cross-entropy. One-vs-rest
+        BCE on a class that covers 1% of the pixels is otherwise ruled by its negatives, its
+        sigmoid stays low and the class drops out of the candidates; an unweighted L_ref would
+        then pull the decision among the candidates back to the common class.
     L_var: minus the population variance of the top `variance_top_k` integrated probabilities.
     Default weights 1.0 / 1.0 / 0.1: the two classifiers equal, the regulariser (whose range is
     at most 0.25) a gentle push. `top_k` must equal the IntegratedClassifier's.
@@ -147,6 +189,7 @@ class IntegratedCriterion(_PixelLoss):
         variance_top_k: int = 3,
         resolution: str = "mask",
         warmup_iters: int = 0,
+        class_weights: Sequence[float] | None = None,
     ) -> None:
         super().__init__(ignore_index, average, resolution)
         if variance_top_k < 2:
@@ -157,6 +200,7 @@ class IntegratedCriterion(_PixelLoss):
         self.top_k = top_k
         self.variance_top_k = variance_top_k
         self.warmup_iters = warmup_iters
+        self.register_buffer("class_weights", _weights_tensor(class_weights), persistent=False)
 
     def ramp(self) -> float:
         """The warm-up factor of w_ref and w_var at the current iteration, in [0, 1]."""
@@ -174,9 +218,13 @@ class IntegratedCriterion(_PixelLoss):
         weight = self.pixel_weights(valid)
         target = masks.masked_fill(~valid, 0).unsqueeze(1)
 
-        # BCE-with-logits summed over classes: sum_c softplus(g_c) - g_target (no one-hot).
+        # BCE-with-logits summed over classes: sum_c softplus(g_c) - g_target (no one-hot);
+        # a positive weight w_t adds (w_t - 1) * softplus(-g_target).
         general_target = general_logits.gather(1, target).squeeze(1)
         bce = F.softplus(general_logits).sum(1) - general_target
+        true_weight = _true_class_weight(self.class_weights, target.squeeze(1), general_logits)
+        if self.class_weights is not None:
+            bce = bce + (true_weight - 1) * F.softplus(-general_target)
         general = (bce * weight).sum()
 
         # The candidates' logits (B,k,H,W); the integration at this resolution, as
@@ -198,7 +246,7 @@ class IntegratedCriterion(_PixelLoss):
             normaliser = torch.where(
                 target_is_candidate, normaliser, torch.logaddexp(normaliser, refine_target)
             )
-        refine = ((normaliser - refine_target) * weight).sum()
+        refine = ((normaliser - refine_target) * true_weight * weight).sum()
 
         # Variance of the top-v integrated probabilities; classes beyond the k candidates are 0.
         probs = log_probs.exp()
@@ -220,6 +268,25 @@ class IntegratedCriterion(_PixelLoss):
         )
         parts = {"general": general, "refine": refine, "variance": variance}
         return loss, {name: value.detach() for name, value in parts.items()}
+
+
+def class_balance_weights(frequencies: Sequence[float], power: float) -> list[float]:
+    """Class weights ((1 - f_c) / f_c) ** power, for either loss's `class_weights`.
+
+    `frequencies` are the classes' pixel shares in the training data. On the general
+    classifier's BCE, a positive weight w multiplies the odds the sigmoid converges to by w,
+    so at power 1 it cancels each class's prior odds (a rare class scores as high as a common
+    one on equal evidence); at 0 the loss is unweighted. Shares are clamped
+    to [1e-4, 1 - 1e-4]: a class absent from the training data gets a large, finite weight.
+    """
+    if power < 0:
+        raise ValueError(f"class balance power must be >= 0, got {power}")
+    if not frequencies or not all(0 <= f <= 1 for f in frequencies):
+        raise ValueError(
+            f"class frequencies must be pixel shares in [0, 1], got {list(frequencies)}"
+        )
+    clamped = [min(max(float(f), 1e-4), 1 - 1e-4) for f in frequencies]
+    return [((1 - f) / f) ** power for f in clamped]
 
 
 def _resolve_weights(weights: Mapping[str, float] | None) -> dict[str, float]:
@@ -247,19 +314,22 @@ def build_criterion(
     variance_top_k: int = 3,
     resolution: str = "mask",
     warmup_iters: int = 0,
+    class_weights: Sequence[float] | None = None,
 ) -> nn.Module:
     """Loss for `classifier` ("standard" or "integrated"): `(outputs, masks) -> (loss, parts)`.
 
-    `resolution` ("mask" or "logits") applies to both. `weights`, `top_k`, `variance_top_k`
-    and `warmup_iters` belong to the integrated loss; the standard loss validates `weights`
-    and otherwise ignores them, so one config drives both heads. Both have
-    `set_progress(iteration)`, to be called before each step's forward.
+    `resolution` and `class_weights` (the true class's term weighted per class, see
+    `class_balance_weights`) apply to both. `weights`, `top_k`, `variance_top_k` and
+    `warmup_iters` belong to the integrated loss; the standard loss validates `weights` and
+    otherwise ignores them, so one config drives both heads. Both have `set_progress(iteration)`,
+    to be called before each step's forward.
     """
     if classifier == "standard":
         _resolve_weights(weights)
-        return CrossEntropyCriterion(ignore_index, average, resolution)
+        return CrossEntropyCriterion(ignore_index, average, resolution, class_weights)
     if classifier == "integrated":
         return IntegratedCriterion(
-            ignore_index, average, weights, top_k, variance_top_k, resolution, warmup_iters
+            ignore_index, average, weights, top_k, variance_top_k, resolution, warmup_iters,
+            class_weights,
         )
     raise ValueError(f"unknown classifier {classifier!r}; choose 'standard' or 'integrated'")

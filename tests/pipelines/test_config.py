@@ -80,6 +80,8 @@ def test_overrides_are_typed(config_file: Path) -> None:
         ("train.global_batch_size=7", "must be a multiple of ray.num_workers"),
         ("loss.weights.typo=1", "keys must be general, refine, variance"),
         ("loss.warmup_iters=-1", "loss.warmup_iters must be >= 0"),
+        ("loss.class_balance=2", "loss.class_balance must be in [0, 1]"),
+        ("loss.class_frequencies=[0.5, 1.5]", "must list each class's pixel share in [0, 1]"),
         ("loss.resolution=half", "choose one of 'mask', 'logits'"),
         ("optim.lr", "not of the form section.key=value"),
         ("eval.mode=slide", "eval.stride must be set"),

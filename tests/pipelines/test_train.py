@@ -72,6 +72,7 @@ def no_workers(monkeypatch: pytest.MonkeyPatch) -> None:
         ("data.val_size=[8, 8]", "data.val_size is gone"),
         ("data.train_split=[train, nope]", "data.train_split = ['train', 'nope'] is not in"),
         ("data.train_split=[train, train]", "repeats a split"),
+        ("loss.class_frequencies=[0.5, 0.5]", "loss.class_frequencies lists 2 values for"),
     ],
 )
 def test_bad_config_fails_before_workers(
@@ -80,6 +81,35 @@ def test_bad_config_fails_before_workers(
     code = main(["train", "--config", str(workdir / "exp.yaml"), override])
     assert code == 2
     assert needle in capsys.readouterr().err
+
+
+def test_class_balance_reads_the_training_split_pixel_shares(workdir: Path) -> None:
+    from data.shards import load_manifest
+
+    counts = load_manifest(workdir / "shards").class_pixel_counts["train"]
+    prepared = train_module.prepare(load_config(workdir / "exp.yaml"))
+    shares = prepared.cfg.loss.class_frequencies
+    assert shares == pytest.approx([n / sum(counts) for n in counts])
+    assert prepared.cfg.loss.class_balance_for("integrated") == 0.5  # the head's default
+    assert prepared.cfg.loss.class_balance_for("standard") == 0.0  # official CE
+
+
+def test_class_balance_without_pixel_counts_fails_before_workers(
+    workdir: Path, no_workers: None, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import json
+    import shutil
+
+    shards = tmp_path / "shards"
+    shutil.copytree(workdir / "shards", shards)
+    manifest = json.loads((shards / "dataset.json").read_text())
+    manifest["class_pixel_counts"] = {}
+    (shards / "dataset.json").write_text(json.dumps(manifest))
+    code = main(["train", "--config", str(workdir / "exp.yaml"), f"data.root={shards}"])
+    assert code == 2
+    assert "needs class pixel counts" in capsys.readouterr().err
+    unweighted = load_config(workdir / "exp.yaml", [f"data.root={shards}", "loss.class_balance=0"])
+    assert train_module.prepare(unweighted).cfg.loss.class_frequencies is None
 
 
 def test_missing_shard_fails_before_workers(

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segnext.classifier import MASKED_LOGIT, build_classifier, candidate_mask
-from segnext.losses import build_criterion, downsample_masks
+from segnext.losses import build_criterion, class_balance_weights, downsample_masks
 
 
 def _integrated_outputs(general: torch.Tensor, refine: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -102,6 +102,57 @@ def test_general_term_is_bce_summed_over_classes_averaged_over_valid_pixels():
     assert parts["general"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_class_weights_scale_each_class_positive_bce_term():
+    torch.manual_seed(1)
+    general, refine = torch.randn(2, 4, 5, 5), torch.randn(2, 4, 5, 5)
+    masks = torch.randint(0, 4, (2, 5, 5))
+    masks[0, 2] = 255
+    weights = [1.0, 2.0, 5.0, 0.5]
+    criterion = build_criterion("integrated", class_weights=weights)
+    _, parts = criterion(_integrated_outputs(general, refine), masks)
+    valid = masks != 255
+    onehot = F.one_hot(masks.clamp(max=3), 4).permute(0, 3, 1, 2).float()
+    pos_weight = torch.tensor(weights).view(4, 1, 1)  # torch's own weighted BCE as the reference
+    bce = F.binary_cross_entropy_with_logits(
+        general, onehot, pos_weight=pos_weight, reduction="none"
+    )
+    expected = (bce * valid.unsqueeze(1)).sum() / valid.sum()
+    assert parts["general"].item() == pytest.approx(expected.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="one weight per class"):
+        build_criterion("integrated", class_weights=[1.0, 2.0])(
+            _integrated_outputs(general, refine), masks
+        )
+    with pytest.raises(ValueError, match="> 0"):
+        build_criterion("integrated", class_weights=[1.0, 0.0, 1.0, 1.0])
+
+
+def test_class_weights_scale_the_standard_cross_entropy_by_the_true_class():
+    torch.manual_seed(2)
+    logits = torch.randn(2, 3, 4, 4)
+    masks = torch.randint(0, 3, (2, 4, 4))
+    masks[1, 1] = 255
+    weights = [1.0, 3.0, 0.25]
+    loss, _ = build_criterion("standard", class_weights=weights)({"logits": logits}, masks)
+    valid = masks != 255
+    ce = F.cross_entropy(logits, masks, ignore_index=255, reduction="none")
+    per_pixel = torch.tensor(weights)[masks.clamp(max=2)]
+    expected = (ce * per_pixel * valid).sum() / valid.sum()  # pixel count, not sum of weights
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="one weight per class"):
+        build_criterion("standard", class_weights=[1.0])({"logits": logits}, masks)
+
+
+def test_class_balance_weights_cancel_prior_odds_at_power_one():
+    assert class_balance_weights([0.5, 0.2, 0.01], 1.0) == pytest.approx([1.0, 4.0, 99.0])
+    assert class_balance_weights([0.5, 0.2, 0.01], 0.5) == pytest.approx([1.0, 2.0, 99**0.5])
+    assert class_balance_weights([0.3, 0.7], 0.0) == [1.0, 1.0]
+    assert class_balance_weights([0.0], 1.0) == pytest.approx([9999.0])  # absent class: finite
+    with pytest.raises(ValueError, match=">= 0"):
+        class_balance_weights([0.5], -1.0)
+    with pytest.raises(ValueError, match="pixel shares"):
+        class_balance_weights([1.5], 1.0)
+
+
 def test_refine_term_uses_top_k_plus_true_class():
     general = torch.tensor([5.0, 4.0, 0.0, -1.0, -2.0]).view(1, 5, 1, 1)
     refine = torch.tensor([1.0, 2.0, 3.0, 0.5, -1.0]).view(1, 5, 1, 1)
@@ -110,6 +161,11 @@ def test_refine_term_uses_top_k_plus_true_class():
         _, parts = build_criterion("integrated", top_k=2)(outputs, torch.tensor([[[target]]]))
         r = refine.flatten()
         expected = torch.logsumexp(r[candidates], 0) - r[target]
+        assert parts["refine"].item() == pytest.approx(expected.item(), rel=1e-6)
+        weights = [1.0, 2.0, 3.0, 4.0, 5.0]  # the true class's weight scales its term
+        weighted = build_criterion("integrated", top_k=2, class_weights=weights)
+        _, parts = weighted(outputs, torch.tensor([[[target]]]))
+        expected = expected * weights[target]
         assert parts["refine"].item() == pytest.approx(expected.item(), rel=1e-6)
 
 
