@@ -161,11 +161,12 @@ class IntegratedCriterion(_PixelLoss):
     L_ref: cross-entropy of the refinement softmax restricted to the general top-k candidates
         *plus the true class* (teacher forcing: where the general classifier missed the true
         class, the refiner still learns to pick it among the confusing candidates; always finite).
-    `class_weights` (see `class_balance_weights`) weigh the true class's term of both: the
-        positive term of L_gen and the pixel's L_ref, as in a weighted cross-entropy. One-vs-rest
-        BCE on a class that covers 1% of the pixels is otherwise ruled by its negatives, its
-        sigmoid stays low and the class drops out of the candidates; an unweighted L_ref would
-        then pull the decision among the candidates back to the common class.
+    `class_weights` (see `class_balance_weights`) weigh the positive term of L_gen per class,
+        as a weighted cross-entropy weighs the true class's term: one-vs-rest BCE on a class
+        that covers 1% of the pixels is otherwise ruled by its negatives, its sigmoid stays low
+        and the class drops out of the candidates the refinement decides among. L_ref stays
+        unweighted (weighting it too, so that the product favours rare classes twice, is not
+        measured).
     L_var: minus the population variance of the top `variance_top_k` integrated probabilities.
     Default weights 1.0 / 1.0 / 0.1: the two classifiers equal, the regulariser (whose range is
     at most 0.25) a gentle push. `top_k` must equal the IntegratedClassifier's.
@@ -222,8 +223,8 @@ class IntegratedCriterion(_PixelLoss):
         # a positive weight w_t adds (w_t - 1) * softplus(-g_target).
         general_target = general_logits.gather(1, target).squeeze(1)
         bce = F.softplus(general_logits).sum(1) - general_target
-        true_weight = _true_class_weight(self.class_weights, target.squeeze(1), general_logits)
         if self.class_weights is not None:
+            true_weight = _true_class_weight(self.class_weights, target.squeeze(1), general_logits)
             bce = bce + (true_weight - 1) * F.softplus(-general_target)
         general = (bce * weight).sum()
 
@@ -246,7 +247,7 @@ class IntegratedCriterion(_PixelLoss):
             normaliser = torch.where(
                 target_is_candidate, normaliser, torch.logaddexp(normaliser, refine_target)
             )
-        refine = ((normaliser - refine_target) * true_weight * weight).sum()
+        refine = ((normaliser - refine_target) * weight).sum()
 
         # Variance of the top-v integrated probabilities; classes beyond the k candidates are 0.
         probs = log_probs.exp()
