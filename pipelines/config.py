@@ -113,9 +113,10 @@ class LossConfig:
     # Integrated loss: w_ref and w_var ramp linearly from 0 over this many iterations (0: off).
     warmup_iters: int = 0
     # The true class's loss term (standard: the CE; integrated: the general BCE's positive
-    # term; the refinement CE stays unweighted) weighs ((1 - f_c) / f_c) ** class_balance, f_c the class's pixel share in the
-    # training split(s): 0 unweighted, 1 the prior odds cancelled. None: the head's default,
-    # DEFAULT_CLASS_BALANCE. class_frequencies: None = read from the shards' manifest.
+    # term; the refinement CE stays unweighted) weighs ((1 - f_c) / f_c) ** class_balance,
+    # f_c the class's pixel share in the training split(s): 0 unweighted, 1 the prior odds
+    # cancelled. None: the head's default, DEFAULT_CLASS_BALANCE. class_frequencies: None =
+    # read from the shards' manifest.
     class_balance: float | None = None
     class_frequencies: list[float] | None = None
 

@@ -124,7 +124,8 @@ class CrossEntropyCriterion(_PixelLoss):
         masks = downsample_masks(check_masks(masks, logits.shape[1], self.ignore_index), size)
         valid = masks != self.ignore_index
         ce = F.cross_entropy(logits, masks, ignore_index=self.ignore_index, reduction="none")
-        ce = ce * _true_class_weight(self.class_weights, masks.masked_fill(~valid, 0), logits)
+        if self.class_weights is not None:
+            ce = ce * _true_class_weight(self.class_weights, masks.masked_fill(~valid, 0), logits)
         loss = (ce * self.pixel_weights(valid)).sum()
         return loss, {"ce": loss.detach()}
 
@@ -138,11 +139,9 @@ def _weights_tensor(class_weights: Sequence[float] | None) -> torch.Tensor | Non
 
 
 def _true_class_weight(
-    class_weights: torch.Tensor | None, target: torch.Tensor, logits: torch.Tensor
-) -> torch.Tensor | float:
-    """Per-pixel weight of the true class (B,H,W), or 1.0 without class weights."""
-    if class_weights is None:
-        return 1.0
+    class_weights: torch.Tensor, target: torch.Tensor, logits: torch.Tensor
+) -> torch.Tensor:
+    """Per-pixel weight (B,H,W) of the true class `target` (ignored pixels mapped to any class)."""
     if class_weights.numel() != logits.shape[1]:
         raise ValueError(
             f"class_weights has {class_weights.numel()} entries for {logits.shape[1]} classes; "
