@@ -1,6 +1,7 @@
-"""CamVid from scratch on the CPU: the standard and the integrated classifier side by side.
+"""CamVid from scratch on the CPU: the classifier configurations side by side, over seeds.
 
-Builds CamVid shards (train, val, test) if absent, trains SegNeXt-T once per head through
+Builds CamVid shards (train, val, test) if absent, trains SegNeXt-T once per configuration and
+seed through
 `segnext train`'s own code path (`pipelines.train.run_training`: Ray Data -> Ray Train CPU
 workers, MLflow) on identical settings, seed and iterations (configs/camvid-cpu.yaml: images at
 half size, crop 180x240), then scores each final model on the 233 test images with
@@ -11,7 +12,14 @@ pair changed, images/s and CPU-s per image, a per-class IoU bar picture of both 
 per-part diagnostics (accuracy of the integrated head's general classifier alone, top-k recall
 of each head's scores, accuracy of the final decision where the true class is a candidate).
 
-    .venv/bin/python bench/camvid_accuracy.py --iterations 300          # the benchmark
+Each (configuration, seed) writes `OUT/results/CONFIG-sSEED.json` as it finishes (config,
+overrides, seed, commit, per-class IoU, confusion matrix, img/s, and for the integrated head the
+test scores of every decision rule); a rerun skips the runs whose JSON exists, so a session that
+stops mid-way loses one run at most. `bench/camvid_seeds_report.py` builds the table from
+whatever JSONs exist.
+
+    .venv/bin/python bench/camvid_accuracy.py --iterations 1200 --seeds 0 1 2   # issue 27
+    .venv/bin/python bench/camvid_accuracy.py --iterations 300          # the quick look
     .venv/bin/python bench/camvid_accuracy.py --iterations 2 --limit 8 \\
         --shards /tmp/s --out /tmp/o --set data.crop_size=[60,80] ...   # smoke (tests/bench)
 """
@@ -36,7 +44,15 @@ from cpu_meter import CpuMeter  # bench/ is the script's folder, first on sys.pa
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-HEADS = ("standard", "integrated")
+# The configurations compared (issue 27): the overrides that make each one, on top of the
+# config file; everything else (seed, batch plan, iterations) is shared.
+CONFIGS: dict[str, tuple[str, ...]] = {
+    "standard": ("model.classifier=standard", "loss.class_balance=0"),  # the paper's baseline
+    "standard-cb": ("model.classifier=standard", "loss.class_balance=0.5"),  # the fair baseline
+    "integrated": ("model.classifier=integrated",),  # its defaults (class balance 0.5)
+    "integrated-novar": ("model.classifier=integrated", "loss.weights.variance=0"),
+}
+DEFAULT_CONFIGS = ("standard", "integrated")
 TOP_K = 3  # the integrated head's default candidates; the recall of both heads is measured at it
 TOP_PAIRS = 5
 
@@ -61,14 +77,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--config", default=str(REPO / "configs/camvid-cpu.yaml"))
     parser.add_argument("--iterations", type=int, default=300, help="optimizer steps per head")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--heads", nargs="+", default=list(HEADS), choices=HEADS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument(
+        "--configs", nargs="+", default=list(DEFAULT_CONFIGS), choices=list(CONFIGS),
+        help="configurations to run (see CONFIGS); runs go seed by seed, configs in this order",
+    )  # fmt: skip
     parser.add_argument(
         "--set",
         nargs="*",
         default=[],
         metavar="key=value",
-        help="extra config overrides for both heads (segnext train syntax)",
+        help="extra config overrides for every configuration (segnext train syntax)",
     )
     return parser.parse_args(argv)
 
@@ -105,21 +124,21 @@ def ensure_shards(args: argparse.Namespace) -> Path:
     return shards
 
 
-def head_config(args: argparse.Namespace, head: str, shards: Path, out: Path):
-    """The config file plus the overrides every head shares; only the classifier differs."""
+def run_config(args: argparse.Namespace, config: str, seed: int, shards: Path, out: Path):
+    """The config file plus the overrides every run shares and the configuration's own."""
     from pipelines.config import load_config
 
     iterations = args.iterations
     base = load_config(args.config, [f"data.root={shards}", *args.set])
     overrides = [
-        f"model.classifier={head}",
+        *CONFIGS[config],
         f"data.root={shards}",
         f"schedule.iterations={iterations}",
         f"schedule.warmup_iters={iterations // 20}",
         # the integrated loss's refinement and variance terms ramp in over the first 10%
         # (the general classifier picks the candidates first); the standard loss has neither
         f"loss.warmup_iters={iterations // 10}",
-        f"train.seed={args.seed}",
+        f"train.seed={seed}",
         # four validations: the learning curves of both heads, not only where they end
         f"train.val_every={max(1, iterations // 4)}",
         f"train.checkpoint_every={iterations}",
@@ -352,11 +371,17 @@ def markdown(results: dict[str, dict], names: list[str], changes: list[dict]) ->
         recall = f"class_top{TOP_K}_recall"
         row(f"top-{TOP_K} recall {name}",
             [pct(100 * results[h]["diag"][recall][i]) for h in heads])
-    if "integrated" in results:
-        diag = results["integrated"]["diag"]
+    if any("general_aAcc" in results[h]["diag"] for h in heads):
         for label, part in (("general classifier", "general"), ("refinement", "refine")):
-            both = f"{100 * diag[f'{part}_aAcc']:.2f} / {100 * diag[f'{part}_mIoU']:.2f}"
-            row(f"{label} alone: aAcc / mIoU", ["-" if h != "integrated" else both for h in heads])
+            cells = []
+            for h in heads:
+                diag = results[h]["diag"]
+                cells.append(
+                    f"{100 * diag[f'{part}_aAcc']:.2f} / {100 * diag[f'{part}_mIoU']:.2f}"
+                    if f"{part}_aAcc" in diag
+                    else "-"
+                )
+            row(f"{label} alone (train res.): aAcc / mIoU", cells)
     lines += [
         "",
         "Most confused pairs (share of the true class's pixels predicted as the other):",
@@ -393,14 +418,126 @@ def log_comparison(client, parent_run_id: str, results: dict, names: list[str], 
     client.log_batch(parent_run_id, metrics=metrics)
     client.log_figure(parent_run_id, comparison_figure(results, names), "per_class_iou_heads.png")
     client.log_text(parent_run_id, text, "comparison.md")
-    client.log_dict(parent_run_id, _jsonable(results), "results.json")
-
-
-def _jsonable(results: dict) -> dict:
-    return {head: {k: v for k, v in r.items() if k != "eval"} for head, r in results.items()}
+    client.log_dict(parent_run_id, results, "results.json")
 
 
 # ---------------------------------------------------------------------------------- main
+
+
+def git_commit() -> str:
+    """HEAD of the tree the script runs from, with "+dirty" when it has uncommitted changes."""
+
+    def git(*command: str) -> str:
+        done = subprocess.run(["git", *command], cwd=REPO, capture_output=True, text=True)
+        return done.stdout.strip()
+
+    commit = git("rev-parse", "HEAD") or "unknown"
+    return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def score_decisions(checkpoint: str, shards: Path) -> dict[str, dict[str, Any]]:
+    """Test scores of the integrated head under each decision rule, from one checkpoint.
+
+    The rules differ only at prediction time (segnext.classifier.DECISIONS), so one trained
+    model is scored three times with `segnext eval`'s local path; nothing is trained again.
+    """
+    from data.shards import load_manifest
+    from pipelines.evaluate import TOP_CONFUSED, evaluate_local
+    from pipelines.serving import Segmenter, load_source, resolve_model
+    from segnext.classifier import DECISIONS
+    from segnext.metrics import ConfusionMatrix
+
+    manifest = load_manifest(str(shards))
+    segmenter = Segmenter.from_checkpoint(load_source(resolve_model(checkpoint)))
+    head = segmenter.model.decode_head.classifier
+    scored = {}
+    for rule in DECISIONS:
+        head.decision = rule
+        matrix, _ = evaluate_local(segmenter, manifest, "test", progress=False)
+        accumulator = ConfusionMatrix(len(manifest.classes), manifest.ignore_index)
+        accumulator.matrix = torch.from_numpy(matrix)
+        scores = accumulator.compute(class_names=manifest.classes, top_confused=TOP_CONFUSED)
+        scored[rule] = {"scores": scores, "matrix": matrix.tolist()}
+    return scored
+
+
+def run_one(
+    args: argparse.Namespace, config: str, seed: int, shards: Path, out: Path, parent: str
+) -> dict[str, Any]:
+    """Train, evaluate and diagnose one (configuration, seed); the JSON-able result."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.evaluate import log_to_mlflow
+
+    cfg = run_config(args, config, seed, shards, out)
+    uri = tracking_uri(out)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    print(f"[camvid] training {config} seed {seed}: {args.iterations} iterations", flush=True)
+    result = train_head(cfg, f"camvid-cpu-{config}-s{seed}-{stamp}", out, parent)
+    print(f"[camvid] evaluating {config} seed {seed} on test", flush=True)
+    start = time.perf_counter()
+    evaluation = evaluate_head(result["checkpoint"], shards)
+    result["eval_wall_s"] = time.perf_counter() - start
+    result["test_images"] = evaluation.num_samples
+    evaluation.model_run_id = result["run_id"]
+    log_to_mlflow(
+        evaluation,
+        model=result["checkpoint"],
+        data=str(shards),
+        split="test",
+        target="model",
+        experiment=cfg.mlflow.experiment,
+        tracking_uri=uri,
+    )
+    result.update(
+        config=config,
+        overrides=list(CONFIGS[config]) + list(args.set),
+        seed=seed,
+        commit=git_commit(),
+        class_names=evaluation.class_names,
+        scores=evaluation.scores,
+        matrix=evaluation.matrix.tolist(),
+        diag=diagnose(result["checkpoint"], shards, cfg),
+        finished=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    )
+    if cfg.model.classifier == "integrated":
+        print(f"[camvid] scoring the decision rules of {config} seed {seed}", flush=True)
+        result["decisions"] = score_decisions(result["checkpoint"], shards)
+    MlflowClient(uri).log_batch(
+        result["run_id"],
+        metrics=[Metric(f"diag/{k}", float(v), 0, 0) for k, v in result["diag"].items()
+                 if not isinstance(v, list)],
+    )
+    return result
+
+
+def run_path(out: Path, config: str, seed: int) -> Path:
+    return out / "results" / f"{config}-s{seed}.json"
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Atomic: a run killed while writing leaves no half JSON that a rerun would skip."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(payload, indent=1, default=str))
+    partial.replace(path)
+
+
+def seed_report(out: Path, seed: int, configs: list[str], args: argparse.Namespace) -> str:
+    """The side-by-side report of one seed's runs that exist, from their JSONs."""
+    results = {
+        c: json.loads(run_path(out, c, seed).read_text())
+        for c in configs
+        if run_path(out, c, seed).is_file()
+    }
+    names = next(iter(results.values()))["class_names"]
+    header = (
+        f"CamVid test ({next(iter(results.values()))['test_images']} images), SegNeXt-T from "
+        f"scratch, {args.iterations} iterations, seed {seed}, config {Path(args.config).name}"
+        + (f" + {' '.join(args.set)}" if args.set else "")
+    )
+    return header + "\n\n" + markdown(results, names, confusion_changes(results, names))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -408,83 +545,62 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     shards = ensure_shards(args)
-    configs = {head: head_config(args, head, shards, out) for head in args.heads}
+    for config in args.configs:  # every configuration's config is refused now, not hours later
+        run_config(args, config, args.seeds[0], shards, out)
+    todo = [(s, c) for s in args.seeds for c in args.configs if not run_path(out, c, s).is_file()]
+    for seed, config in [(s, c) for s in args.seeds for c in args.configs]:
+        if (seed, config) not in todo:
+            print(f"[camvid] {config} seed {seed}: {run_path(out, config, seed)} exists, skipped")
 
-    from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
     from pipelines import tracking
-    from pipelines.evaluate import log_to_mlflow
     from pipelines.train import init_ray
 
     uri = tracking_uri(out)
-    first = configs[args.heads[0]]
-    experiment_id = tracking.ensure_experiment(uri, first.mlflow.experiment)
     client = MlflowClient(uri)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    parent = client.create_run(
-        experiment_id, run_name=f"camvid-cpu-compare-{stamp}", tags={"benchmark": "camvid_accuracy"}
-    ).info.run_id
-    client.log_param(parent, "iterations", args.iterations)
-    client.log_param(parent, "seed", args.seed)
-    client.log_param(parent, "overrides", " ".join(args.set) or "-")
-    init_ray("local", num_cpus=None)
-    results: dict[str, dict] = {}
-    names: list[str] = []
-    try:
-        for head in args.heads:
-            cfg = configs[head]
-            print(f"[camvid] training {head}: {args.iterations} iterations", flush=True)
-            result = train_head(cfg, f"camvid-cpu-{head}-s{args.seed}-{stamp}", out, parent)
-            print(f"[camvid] evaluating {head} on test", flush=True)
-            start = time.perf_counter()
-            evaluation = evaluate_head(result["checkpoint"], shards)
-            result["eval_wall_s"] = time.perf_counter() - start
-            result["test_images"] = evaluation.num_samples
-            evaluation.model_run_id = result["run_id"]
-            log_to_mlflow(
-                evaluation,
-                model=result["checkpoint"],
-                data=str(shards),
-                split="test",
-                target="model",
-                experiment=cfg.mlflow.experiment,
-                tracking_uri=uri,
-            )
-            result.update(
-                scores=evaluation.scores,
-                matrix=evaluation.matrix.tolist(),
-                diag=diagnose(result["checkpoint"], shards, cfg),
-            )
-            client.log_batch(
-                result["run_id"],
-                metrics=[Metric(f"diag/{k}", float(v), 0, 0) for k, v in result["diag"].items()
-                         if not isinstance(v, list)],
-            )
-            names = evaluation.class_names
-            results[head] = result
-            print(
-                json.dumps({k: v for k, v in result.items() if k != "matrix"}, default=str),
-                flush=True,
-            )
-    except BaseException:
-        client.set_terminated(parent, status="FAILED")
-        raise
-    changes = confusion_changes(results, names)
-    text = markdown(results, names, changes)
-    images = results[args.heads[0]]["test_images"]
-    header = (
-        f"CamVid test ({images} images), SegNeXt-T from scratch, {args.iterations} iterations, "
-        f"seed {args.seed}, config {Path(args.config).name}"
-        + (f" + {' '.join(args.set)}" if args.set else "")
-    )
-    text = header + "\n\n" + text
-    print(text, flush=True)
-    (out / "report.md").write_text(text + "\n")
-    (out / "results.json").write_text(json.dumps(_jsonable(results), indent=1, default=str))
-    log_comparison(client, parent, results, names, text)
-    client.set_terminated(parent)
-    print(f"[camvid] results in {out}/report.md, MLflow parent run {parent} ({uri})", flush=True)
+    if todo:
+        experiment = run_config(args, args.configs[0], args.seeds[0], shards, out).mlflow.experiment
+        experiment_id = tracking.ensure_experiment(uri, experiment)
+        parent = client.create_run(
+            experiment_id,
+            run_name=f"camvid-cpu-compare-{time.strftime('%Y%m%d-%H%M%S')}",
+            tags={"benchmark": "camvid_accuracy"},
+        ).info.run_id
+        client.log_param(parent, "iterations", args.iterations)
+        client.log_param(parent, "seeds", " ".join(map(str, args.seeds)))
+        client.log_param(parent, "configs", " ".join(args.configs))
+        client.log_param(parent, "overrides", " ".join(args.set) or "-")
+        init_ray("local", num_cpus=None)
+        try:
+            for seed, config in todo:
+                result = run_one(args, config, seed, shards, out, parent)
+                write_json(run_path(out, config, seed), result)
+                print(
+                    f"[camvid] {config} seed {seed}: test mIoU {100 * result['scores']['mIoU']:.2f}"
+                    f" -> {run_path(out, config, seed)}",
+                    flush=True,
+                )
+        except BaseException:
+            client.set_terminated(parent, status="FAILED")
+            raise
+    for seed in args.seeds:
+        if not any(run_path(out, c, seed).is_file() for c in args.configs):
+            continue
+        text = seed_report(out, seed, args.configs, args)
+        print(text, flush=True)
+        (out / f"report-s{seed}.md").write_text(text + "\n")
+    if todo:  # the parent run gets the comparison of the last seed this invocation ran
+        seed = todo[-1][0]
+        results = {
+            c: json.loads(run_path(out, c, seed).read_text())
+            for c in args.configs
+            if run_path(out, c, seed).is_file()
+        }
+        names = next(iter(results.values()))["class_names"]
+        log_comparison(client, parent, results, names, seed_report(out, seed, args.configs, args))
+        client.set_terminated(parent)
+        print(f"[camvid] results in {out}/results, MLflow parent run {parent} ({uri})", flush=True)
     return 0
 
 

@@ -60,10 +60,23 @@ def candidate_mask(general_logits: torch.Tensor, top_k: int | None) -> torch.Ten
     return torch.zeros_like(general_logits, dtype=torch.bool).scatter_(1, index, chosen)
 
 
+# How the integrated head turns its two classifiers into a prediction (`decision=`):
+# "product" P(c) ∝ sigmoid(g_c) * softmax_{top-k}(r)_c (the spec), "general" sigmoid(g_c) alone,
+# "refine" softmax_{top-k}(r)_c alone (the refinement among the general top-k candidates).
+DECISIONS = ("product", "general", "refine")
+
+
 def integrate(
-    general_logits: torch.Tensor, refine_logits: torch.Tensor, top_k: int | None
+    general_logits: torch.Tensor,
+    refine_logits: torch.Tensor,
+    top_k: int | None,
+    decision: str = "product",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log of P(c) ∝ sigmoid(g_c) * softmax_{top-k}(r)_c, normalised over c.
+
+    `decision` drops one factor (see DECISIONS): "general" normalises sigmoid(g) over all K
+    classes (no candidates), "refine" keeps softmax_{top-k}(r) only. Training is the same for
+    every rule; only the prediction changes.
 
     Pointwise in space, so callers may resize `g` and `r` first and integrate at any resolution.
     Returns (log integrated probabilities (B,K,...), candidate indices (B,k,...) or None = all
@@ -71,13 +84,18 @@ def integrate(
     finite). The softmaxes run on the k candidates only, not on all K classes (at full image
     size on the CPU this is about a third cheaper for K = 11, k = 3).
     """
+    if decision == "general":
+        return F.log_softmax(F.logsigmoid(general_logits), dim=1), None
     num_classes = general_logits.shape[1]
     if not top_k or top_k >= num_classes:
-        log_p_ref = F.log_softmax(refine_logits, dim=1)
-        return F.log_softmax(F.logsigmoid(general_logits) + log_p_ref, dim=1), None
+        log_probs = F.log_softmax(refine_logits, dim=1)
+        if decision == "product":
+            log_probs = F.log_softmax(F.logsigmoid(general_logits) + log_probs, dim=1)
+        return log_probs, None
     top_general, index = general_logits.topk(top_k, dim=1)
-    top_refine = refine_logits.gather(1, index)
-    log_probs = F.log_softmax(F.logsigmoid(top_general) + F.log_softmax(top_refine, 1), dim=1)
+    log_probs = F.log_softmax(refine_logits.gather(1, index), dim=1)
+    if decision == "product":
+        log_probs = F.log_softmax(F.logsigmoid(top_general) + log_probs, dim=1)
     full = torch.full_like(general_logits, MASKED_LOGIT, dtype=log_probs.dtype)
     return full.scatter(1, index, log_probs), index
 
@@ -113,6 +131,8 @@ class IntegratedClassifier(nn.Module):
             to log(p / (1 - p)) so that sigmoid(g_c) = p_c before training (None: 1/K for every
             class). A zero bias would start every sigmoid at 0.5, so the first steps of the BCE
             are spent pushing all K scores down instead of separating classes.
+        decision: the prediction rule, one of DECISIONS (default "product", the spec's); it
+            changes eval outputs only, so a trained model can be scored under each rule.
     """
 
     def __init__(
@@ -123,12 +143,16 @@ class IntegratedClassifier(nn.Module):
         refine_channels: int = 64,
         top_k: int | None = 3,
         prior: Sequence[float] | None = None,
+        decision: str = "product",
     ) -> None:
         super().__init__()
         if top_k is not None and top_k < 0:
             raise ValueError(f"top_k must be None, 0 (all classes) or positive, got {top_k}")
+        if decision not in DECISIONS:
+            raise ValueError(f"decision must be one of {list(DECISIONS)}, got {decision!r}")
         bias = prior_bias(num_classes, prior)
         self.top_k = top_k
+        self.decision = decision
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.general = nn.Conv2d(in_channels, num_classes, kernel_size=1)
         self.refine_hidden = nn.Conv2d(in_channels + num_classes, refine_channels, kernel_size=1)
@@ -146,7 +170,7 @@ class IntegratedClassifier(nn.Module):
         general_logits = self.general(features)
         hidden = F.relu(self.refine_hidden(torch.cat([features, general_logits.sigmoid()], 1)))
         refine_logits = self.refine_out(hidden)
-        log_probs, _ = integrate(general_logits, refine_logits, self.top_k)
+        log_probs, _ = integrate(general_logits, refine_logits, self.top_k, self.decision)
         return {
             "logits": log_probs,
             "general_logits": general_logits,
@@ -163,7 +187,8 @@ class IntegratedClassifier(nn.Module):
         match what the loss trains.
         """
         general, refine = outputs["general_logits"], outputs["refine_logits"]
-        return integrate(_resize(general, size), _resize(refine, size), self.top_k)[0]
+        resized = _resize(general, size), _resize(refine, size)
+        return integrate(*resized, self.top_k, self.decision)[0]
 
 
 CLASSIFIERS: dict[str, type[nn.Module]] = {
