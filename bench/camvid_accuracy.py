@@ -2,10 +2,10 @@
 
 Builds CamVid shards (train, val, test) if absent, trains SegNeXt-T once per configuration and
 seed through
-`segnext train`'s own code path (`pipelines.train.run_training`: Ray Data -> Ray Train CPU
+`segnext train`'s own code path (`pipelines.train.driver.run_training`: Ray Data -> Ray Train CPU
 workers, MLflow) on identical settings, seed and iterations (configs/camvid-cpu.yaml: images at
 half size, crop 180x240), then scores each final model on the 233 test images with
-`segnext eval`'s code (`pipelines.evaluate.evaluate`, predicted at 240x180, scored against the
+`segnext eval`'s code (`pipelines.commands.evaluate.evaluate`, predicted at 240x180, scored against the
 full-size masks). Printed and logged to MLflow (one run per head under a parent comparison
 run): test mIoU, aAcc, per-class IoU, the five most confused pairs of each head and how each
 pair changed, images/s and CPU-s per image, a per-class IoU bar picture of both heads, and
@@ -160,7 +160,7 @@ def train_head(cfg, run_name: str, out: Path, parent_run_id: str) -> dict[str, A
     from mlflow.tracking import MlflowClient
 
     from pipelines.metric_names import SCORE
-    from pipelines.train import run_training
+    from pipelines.train.driver import run_training
 
     meter = CpuMeter().start()
     start = time.perf_counter()
@@ -201,7 +201,7 @@ def train_head(cfg, run_name: str, out: Path, parent_run_id: str) -> dict[str, A
 
 def evaluate_head(checkpoint: str, shards: Path) -> Any:
     """`segnext eval --split test --distributed off` on the head's final checkpoint."""
-    from pipelines.evaluate import evaluate
+    from pipelines.commands.evaluate import evaluate
 
     return evaluate(checkpoint, str(shards), split="test", distributed="off", progress=False)
 
@@ -217,7 +217,7 @@ def diagnose(checkpoint: str, shards: Path, cfg) -> dict[str, float]:
     pixels whose true class is among the candidates (the refinement's own job).
     """
     from data.loader import build_torch_loader
-    from pipelines.checkpoint import load_checkpoint, model_from_checkpoint
+    from pipelines.checkpoint_io import load_checkpoint, model_from_checkpoint
     from segnext.classifier import MASKED_LOGIT, candidate_mask
     from segnext.metrics import ConfusionMatrix
 
@@ -442,8 +442,8 @@ def score_decisions(checkpoint: str, shards: Path) -> dict[str, dict[str, Any]]:
     model is scored three times with `segnext eval`'s local path; nothing is trained again.
     """
     from data.shards import load_manifest
-    from pipelines.evaluate import TOP_CONFUSED, evaluate_local
-    from pipelines.serving import Segmenter, load_source, resolve_model
+    from pipelines.commands.evaluate import TOP_CONFUSED, evaluate_local
+    from pipelines.inference.segmenter import Segmenter, load_source, resolve_model
     from segnext.classifier import DECISIONS
     from segnext.metrics import ConfusionMatrix
 
@@ -468,7 +468,7 @@ def run_one(
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
-    from pipelines.evaluate import log_to_mlflow
+    from pipelines.commands.evaluate import log_to_mlflow
 
     cfg = run_config(args, config, seed, shards, out)
     uri = tracking_uri(out)
@@ -554,8 +554,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from mlflow.tracking import MlflowClient
 
-    from pipelines import tracking
-    from pipelines.train import init_ray
+    from pipelines.tracking import runs as tracking
+    from pipelines.train.driver import init_ray
 
     uri = tracking_uri(out)
     client = MlflowClient(uri)

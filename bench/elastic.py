@@ -80,7 +80,7 @@ def main() -> None:
     from data.shards import write_shards
     from data.sources import Synthetic
     from pipelines.config import load_config
-    from pipelines.train import train
+    from pipelines.train.driver import train
 
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "resources": {"segnext_node": 1}, "include_dashboard": False})

@@ -137,7 +137,7 @@ def loss_steps(out: Path, run_name: str) -> tuple[int, list[int]]:
     """(number of MLflow runs with this Ray run name, sorted train/loss steps of the first)."""
     from mlflow.tracking import MlflowClient
 
-    from pipelines.tracking import RUN_NAME_TAG
+    from pipelines.tracking.runs import RUN_NAME_TAG
 
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("faults")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.train_step import train_step
+from pipelines.train.step import train_step
 from segnext import build_criterion, create_model
 from segnext.fast import apply_fast_path, fused_strips_available
 

@@ -1,7 +1,7 @@
 """onnxruntime CPU vs PyTorch CPU latency of the exported network, same machine, same run.
 
 Builds SegNeXt (default T, 150 classes, official init: latency does not depend on the weights),
-exports it with `pipelines.export.export_onnx` (the verified export `segnext export` runs),
+exports it with `pipelines.commands.export.export_onnx` (the verified export `segnext export` runs),
 then times the bare network, batch 1 at 512x512 by default, alternating PyTorch and
 onnxruntime call by call so both see the same load from other jobs. Prints wall and process-CPU
 milliseconds per call (median, p10, p90) and the load average before and after, for each
@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 import segnext
-from pipelines.checkpoint import build_meta, save_checkpoint
-from pipelines.export import export_onnx
-from pipelines.onnx_runtime import OnnxSegmenter
+from pipelines.checkpoint_io import build_meta, save_checkpoint
+from pipelines.commands.export import export_onnx
+from pipelines.inference.onnx_runtime import OnnxSegmenter
 
 CAMVID = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "camvid" / "test"
 
@@ -97,7 +97,7 @@ def main() -> None:
         start = time.perf_counter()
         report = export_onnx(str(checkpoint), folder / "model.onnx", image=_image(folder))
         export_s = time.perf_counter() - start
-        from pipelines.checkpoint import load_checkpoint, model_from_checkpoint
+        from pipelines.checkpoint_io import load_checkpoint, model_from_checkpoint
 
         network = model_from_checkpoint(load_checkpoint(checkpoint))
         x = np.random.default_rng(1).standard_normal((1, 3, *size)).astype(np.float32)

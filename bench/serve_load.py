@@ -38,15 +38,15 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from onnx_latency import _checkpoint  # noqa: E402  (the benchmarks' random-weight checkpoint)
 
-from pipelines.threads import available_cpus  # noqa: E402
+from pipelines.inference.threads import available_cpus  # noqa: E402
 
 
 def _tiny_model(folder: Path) -> tuple[str, str]:
     """(model URI, tracking URI): a random SegNeXt-T, 512x512 crop, registered as champion."""
     from mlflow import MlflowClient
 
-    from pipelines.registry import register_checkpoint
-    from pipelines.tracking import ensure_experiment
+    from pipelines.tracking.registry import register_checkpoint
+    from pipelines.tracking.runs import ensure_experiment
 
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     run_id = MlflowClient(uri).create_run(ensure_experiment(uri, "serve-load")).info.run_id
@@ -142,7 +142,7 @@ def main() -> None:
         if args.model is None:
             model, tracking_uri = _tiny_model(Path(folder))
         else:
-            from pipelines.tracking import resolve_tracking_uri
+            from pipelines.tracking.runs import resolve_tracking_uri
 
             model, tracking_uri = args.model, resolve_tracking_uri(args.tracking_uri)
         port = _free_port()

@@ -60,9 +60,9 @@ def base_overrides(args: argparse.Namespace, root: Path) -> list[str]:
 
 def run_memory(args: argparse.Namespace, cfg, threads: int) -> dict[str, float]:
     """The model alone: random batches of in-RAM tensors, one process, `threads` threads."""
-    from pipelines.optim import build_optimizer
-    from pipelines.train_loop import build_model
-    from pipelines.train_step import train_step
+    from pipelines.train.loop import build_model
+    from pipelines.train.optim import build_optimizer
+    from pipelines.train.step import train_step
     from segnext import build_criterion
 
     torch.set_num_threads(threads)
@@ -99,7 +99,7 @@ def run_ray(args: argparse.Namespace, root: Path, workers: int) -> dict[str, flo
     from mlflow.tracking import MlflowClient
 
     from pipelines.config import load_config
-    from pipelines.train import run_training
+    from pipelines.train.driver import run_training
 
     cpus = os.cpu_count() or 1
     cfg = load_config(

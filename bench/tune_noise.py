@@ -39,7 +39,7 @@ def main() -> int:
 
     from pipelines.cluster import init_ray
     from pipelines.config import with_overrides
-    from pipelines.train import run_training
+    from pipelines.train.driver import run_training
     from tune.search import best_trial, collect_outcomes, resolve_warm_start
     from tune.space import load_search_config
 
@@ -104,7 +104,7 @@ def _search_init_from(cfg, search: str) -> str | None:
     the reruns start from the search's weights even if the champion moved since."""
     from mlflow.tracking import MlflowClient
 
-    from pipelines import tracking
+    from pipelines.tracking import runs as tracking
 
     uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
     client = MlflowClient(uri)

@@ -15,12 +15,12 @@ import sys
 # module path -> the subcommands it registers (in `segnext --help` order)
 SUBCOMMAND_MODULES = (
     "data.cli",  # shards
-    "pipelines.train",  # train
-    "pipelines.demo",  # demo
-    "pipelines.evaluate",  # eval
-    "pipelines.predict",  # predict
-    "pipelines.registry",  # register
-    "pipelines.export",  # export
+    "pipelines.train.driver",  # train
+    "pipelines.commands.demo",  # demo
+    "pipelines.commands.evaluate",  # eval
+    "pipelines.commands.predict",  # predict
+    "pipelines.tracking.registry",  # register
+    "pipelines.commands.export",  # export
     "tune.search",  # tune
 )
 

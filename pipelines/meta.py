@@ -8,7 +8,7 @@ only through `ModelMeta.from_dict`, which checks every key and type: a renamed o
 is an error naming the file, never a silent default. Older checkpoints, which lack the optional
 keys, load with the defaults their readers used.
 
-Standard library only: the torch-free ONNX runtime (`pipelines.onnx_runtime`) imports it.
+Standard library only: the torch-free ONNX runtime (`pipelines.inference.onnx_runtime`) imports it.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The metric names that the train loop, Ray Tune, the registry and eval must agree on.
 
 One definition each, in a module that imports nothing heavy, so the CLI modules can import it at
-start-up (`pipelines.tracking` re-exports `metric_name` but pulls in MLflow and matplotlib).
+start-up (`pipelines.tracking.runs` re-exports `metric_name` but pulls in MLflow and matplotlib).
 """
 
 from __future__ import annotations

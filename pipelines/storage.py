@@ -25,7 +25,7 @@ import pyarrow.fs as pafs
 
 from data.fs import ENDPOINT_VARIABLES, endpoint_env
 from data.shards import MANIFEST_NAME, resolve_filesystem
-from pipelines.checkpoint import CHECKPOINT_FILE, CheckpointError
+from pipelines.checkpoint_io import CHECKPOINT_FILE, CheckpointError
 from pipelines.config import ConfigError, ExperimentConfig
 
 # pyarrow filesystem type -> URI scheme (the inverse of resolve_filesystem)

@@ -133,7 +133,7 @@ def _read_state_dict(
         raise ValueError(
             f"{where}: not a SegNeXt/MSCAN weight file (expected a dict of tensors, possibly "
             f"under 'state_dict'); this project's own checkpoints load with "
-            f"pipelines.checkpoint.load_checkpoint"
+            f"pipelines.checkpoint_io.load_checkpoint"
         )
     return dict(obj), where
 

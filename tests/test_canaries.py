@@ -158,8 +158,8 @@ def test_a_missing_registered_model_or_alias_reads_as_missing(tmp_path: Path) ->
     by the MlflowException's error_code and message."""
     from mlflow.tracking import MlflowClient
 
-    from pipelines.tracking import ensure_experiment
-    from pipelines.warm_start import WarmStartMissing, _registered_checkpoint
+    from pipelines.tracking.runs import ensure_experiment
+    from pipelines.train.initial_weights import WarmStartMissing, _registered_checkpoint
 
     used_by = "pipelines/warm_start.py::_registered_checkpoint (tune.warm_start.if_missing)"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

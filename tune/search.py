@@ -2,7 +2,7 @@
 
 How a search runs:
 - The driver validates the config and the search space, reads the shards' manifest and
-  dry-builds the model (`pipelines.train.prepare`), resolves `tune.warm_start` (the weights
+  dry-builds the model (`pipelines.train.driver.prepare`), resolves `tune.warm_start` (the weights
   every trial starts from, or training from scratch when it is missing and allowed), then
   checks the resource plan: one trial needs `ray.num_workers` workers (`ray.gpus_per_worker`
   may be a fraction, so trials share a card) plus a read task and a tiny trial driver; a
@@ -175,7 +175,7 @@ def run_search(
     from mlflow.tracking import MlflowClient
     from ray import tune
 
-    from pipelines import tracking
+    from pipelines.tracking import runs as tracking
 
     start = time.perf_counter()
     notes: list[str] = []
@@ -243,7 +243,7 @@ def run_search(
 def _register_best(summary: SearchSummary, cfg: ExperimentConfig, tracking_uri: str) -> None:
     """Register the best checkpoint; a registry failure is reported, not fatal: the search's
     results stay recorded and the checkpoint can be registered later (`segnext register`)."""
-    from pipelines.registry import register_checkpoint
+    from pipelines.tracking.registry import register_checkpoint
 
     best = summary.best
     try:
@@ -276,7 +276,7 @@ def _run_trial(
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipelines.train import run_training
+    from pipelines.train.driver import run_training
 
     trial_id = tune.get_context().get_trial_id()
     # The search registers its best checkpoint once; trials must not register their own.
@@ -302,8 +302,8 @@ def resolve_warm_start(cfg: ExperimentConfig, settings: TuneConfig, notes: list[
     """The `Prepared` config every trial starts from (absolute paths, `model.init_from` resolved):
     `tune.warm_start`'s weights when its source exists; with `if_missing: scratch` a missing
     source means training from scratch with the `scratch` overrides. The choice is printed."""
-    from pipelines.train import prepare
-    from pipelines.warm_start import WarmStartMissing
+    from pipelines.train.driver import prepare
+    from pipelines.train.initial_weights import WarmStartMissing
 
     cfg = dataclasses.replace(cfg, tune=None)  # trials run the config without the search
     warm = settings.warm_start
@@ -334,7 +334,7 @@ def _checkpoint_summary(path: str) -> str:
     """` (iteration 800, val/mIoU 0.8123)` of a local checkpoint: which model the trials start
     from, so a stale champion shows; empty for a remote one (not downloaded twice)."""
     from pipelines import storage
-    from pipelines.checkpoint import load_checkpoint
+    from pipelines.checkpoint_io import load_checkpoint
 
     if storage.is_remote(path):
         return ""
@@ -355,7 +355,7 @@ def _check_classes(settings: TuneConfig, names: Sequence[str]) -> None:
 
 def trial_demand(cfg: ExperimentConfig) -> dict[str, float]:
     """Resources one trial holds: its Train workers, one data read task, the trial driver."""
-    from pipelines.train import worker_resources
+    from pipelines.train.driver import worker_resources
 
     worker = worker_resources(cfg)
     demand = {key: value * cfg.ray.num_workers for key, value in worker.items() if value > 0}
@@ -434,7 +434,7 @@ def plan_search(
     """(trials at once, the plan's lines) for a cluster of `cluster` resources in all and, when
     known, `nodes` (each node's resources). With `tune.capacity` the nodes to come are unknown:
     the cluster is planned as one node of that size."""
-    from pipelines.train import worker_resources
+    from pipelines.train.driver import worker_resources
 
     demand = trial_demand(cfg)
     cluster = dict(cluster)
@@ -723,7 +723,7 @@ def _finite(value: Any) -> bool:
 
 def _open_parent_run(client, experiment_id, cfg, settings, name: str, *, resume: bool) -> str:
     """The search's parent run: found again on --resume, else created with the search params."""
-    from pipelines import tracking
+    from pipelines.tracking import runs as tracking
 
     opening = search_description(cfg, settings, name)
     if resume:
@@ -767,7 +767,7 @@ def _open_parent_run(client, experiment_id, cfg, settings, name: str, *, resume:
 def _record_trials(client, experiment_id: str, summary: SearchSummary) -> None:
     """Status tag and end state on each trial's nested run (created here if the trial died
     before opening one)."""
-    from pipelines import tracking
+    from pipelines.tracking import runs as tracking
 
     for outcome in summary.outcomes:
         if outcome.status == PENDING:
@@ -863,7 +863,7 @@ def search_description(cfg: ExperimentConfig, settings: TuneConfig, name: str) -
 
 def search_result_description(opening: str, summary: SearchSummary, cfg: ExperimentConfig) -> str:
     """`opening` plus the trials' outcome, the best trial and the commands that use it."""
-    from pipelines import tracking
+    from pipelines.tracking import runs as tracking
 
     counts = ", ".join(
         f"{sum(o.status == status for o in summary.outcomes)} {status}"
@@ -891,7 +891,7 @@ def search_result_description(opening: str, summary: SearchSummary, cfg: Experim
 
 def _record_parent(client, summary: SearchSummary, settings: TuneConfig, *,
                    cfg: ExperimentConfig) -> None:
-    from pipelines import tracking
+    from pipelines.tracking import runs as tracking
 
     run_id = summary.parent_run_id
     counts = {

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines.checkpoint import (
+from pipelines.checkpoint_io import (
     CHECKPOINT_FILE,
     CheckpointError,
     build_meta,
@@ -17,7 +17,7 @@ from pipelines.checkpoint import (
     save_checkpoint,
 )
 from pipelines.config import OptimConfig, ScheduleConfig
-from pipelines.optim import RecipeSchedule, build_optimizer
+from pipelines.train.optim import RecipeSchedule, build_optimizer
 from segnext import create_model
 
 

@@ -17,7 +17,7 @@ from test_registry import single_thread, sqlite_store, tiny_checkpoint  # noqa: 
 
 from data.shards import write_shards
 from data.sources.synthetic import Synthetic
-from pipelines.evaluate import EvalOptions, evaluate
+from pipelines.commands.evaluate import EvalOptions, evaluate
 from segnext.metrics import ConfusionMatrix
 
 SOURCE = Synthetic(num_train=0, num_val=6, size=(64, 96), num_classes=6)
@@ -87,7 +87,7 @@ def test_random_model_matches_a_direct_forward_pass(shards, tmp_path):
         options=EvalOptions(mode="whole", batch_size=1),
         distributed="off",
     )
-    from pipelines.checkpoint import load_checkpoint, model_from_checkpoint
+    from pipelines.checkpoint_io import load_checkpoint, model_from_checkpoint
 
     payload = load_checkpoint(checkpoint)
     model = model_from_checkpoint(payload)

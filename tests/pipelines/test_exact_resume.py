@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines import train as train_module
-from pipelines.checkpoint import load_checkpoint
+from pipelines.checkpoint_io import load_checkpoint
 from pipelines.config import load_config
+from pipelines.train import driver as train_module
 
 pytestmark = pytest.mark.slow
 
@@ -150,7 +150,7 @@ def test_resume_after_a_crash_continues_exactly(workdir: Path, reference, monkey
     with pytest.raises(Exception, match="injected failure at iteration 5"):
         _train(workdir, "resumed", "train.fail_at_iteration=5", "train.max_failures=0")
     registered = []
-    monkeypatch.setattr("pipelines.registry.register_checkpoint",
+    monkeypatch.setattr("pipelines.tracking.registry.register_checkpoint",
                         lambda path, **kwargs: registered.append((path, kwargs)) or _Version())
     result = _train(workdir, "resumed", "train.fail_at_iteration=5", "registry.register=true",
                     resume=True)

@@ -15,7 +15,7 @@ from PIL import Image
 from test_registry import CLASSES, PALETTE, single_thread, sqlite_store, tiny_checkpoint  # noqa: F401
 
 import segnext
-from pipelines.checkpoint import build_meta, load_checkpoint, save_checkpoint
+from pipelines.checkpoint_io import build_meta, load_checkpoint, save_checkpoint
 from pipelines.cli import main
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -73,7 +73,7 @@ def registered(tmp_path_factory: pytest.TempPathFactory):
     """A tiny model registered as segnext v1, exported with --register; (uri, folder, onnx)."""
     from mlflow import MlflowClient
 
-    from pipelines.registry import register_checkpoint
+    from pipelines.tracking.registry import register_checkpoint
 
     folder = tmp_path_factory.mktemp("export")
     uri, experiment = sqlite_store(folder)
@@ -149,8 +149,8 @@ def test_onnx_path_imports_no_torch(registered, tmp_path):
 def test_integrated_classifier_dynamic_and_fixed_size(tmp_path):
     import onnxruntime as ort
 
-    from pipelines.onnx_runtime import OnnxSegmenter
-    from pipelines.serving import load_segmenter
+    from pipelines.inference.onnx_runtime import OnnxSegmenter
+    from pipelines.inference.segmenter import load_segmenter
 
     # top_k < K: the refinement decides among each pixel's 2 best general candidates (topk +
     # scatter in the graph)
@@ -188,7 +188,7 @@ def test_integrated_classifier_dynamic_and_fixed_size(tmp_path):
 
 
 def test_disagreement_is_refused_and_leaves_no_file(tmp_path, monkeypatch, capsys):
-    from pipelines.onnx_runtime import OnnxSegmenter
+    from pipelines.inference.onnx_runtime import OnnxSegmenter
 
     real = OnnxSegmenter.network
     monkeypatch.setattr(  # a broken export: the classes come out in the wrong order
@@ -220,7 +220,7 @@ def test_runtime_refuses_foreign_files(tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    from pipelines.onnx_runtime import OnnxModelError, OnnxSegmenter
+    from pipelines.inference.onnx_runtime import OnnxModelError, OnnxSegmenter
 
     graph = helper.make_graph(
         [helper.make_node("Identity", ["x"], ["y"])],
@@ -244,7 +244,7 @@ def test_runtime_refuses_foreign_files(tmp_path):
 def test_numpy_resize_is_torch_bilinear(source, target):
     import torch.nn.functional as F
 
-    from pipelines.onnx_runtime import resize_bilinear
+    from pipelines.inference.onnx_runtime import resize_bilinear
 
     x = np.random.default_rng(0).standard_normal((2, 3, *source)).astype(np.float32)
     expected = F.interpolate(torch.from_numpy(x), size=target, mode="bilinear",
@@ -255,7 +255,7 @@ def test_numpy_resize_is_torch_bilinear(source, target):
 def test_verification_image_defaults_to_the_training_shards(tmp_path):
     from data.shards import write_shards
     from data.sources import Synthetic
-    from pipelines.export import export_onnx
+    from pipelines.commands.export import export_onnx
 
     write_shards(Synthetic(num_train=2, num_val=2, size=(64, 64)), tmp_path / "shards")
     config = {"data.root": str(tmp_path / "shards"), "data.val_split": "val"}

@@ -11,16 +11,16 @@ import pytest
 import torch
 
 import segnext
-from pipelines.checkpoint import (
+from pipelines.checkpoint_io import (
     CheckpointError,
     build_meta,
     load_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
 )
+from pipelines.inference.onnx_runtime import OnnxModelError, model_meta
+from pipelines.inference.segmenter import settings_from_checkpoint
 from pipelines.meta import FORMAT, EvalMeta, MetaError, ModelMeta
-from pipelines.onnx_runtime import OnnxModelError, model_meta
-from pipelines.serving import settings_from_checkpoint
 
 CLASSES = ["road", "car", "sky"]
 PALETTE = [[128, 64, 128], [0, 0, 142], [70, 130, 180]]

@@ -34,15 +34,15 @@ START_TIMEOUT_S = 120
 
 def _record_run(uri: str, experiment: str, folder: Path) -> str:
     """A run as `segnext train` leaves it: opened by train's own `_open_mlflow_run` (params,
-    Description), per-step metrics, per-validation pictures (the figures of pipelines.tracking
+    Description), per-step metrics, per-validation pictures (the figures of pipelines.tracking.runs
     under the train loop's folder names), a registered model with @champion and its
     description, and the Description's outcome as `_finish` writes it."""
     from mlflow import MlflowClient
 
-    from pipelines import tracking
     from pipelines.config import load_config
-    from pipelines.registry import register_checkpoint
-    from pipelines.train import _open_mlflow_run
+    from pipelines.tracking import runs as tracking
+    from pipelines.tracking.registry import register_checkpoint
+    from pipelines.train.driver import _open_mlflow_run
 
     client = MlflowClient(uri)
     cfg = load_config(CONFIG, [f"data.root={folder / 'shards'}", "model.num_classes=3",

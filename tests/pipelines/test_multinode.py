@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import train as train_module
 from pipelines.config import load_config
+from pipelines.train import driver as train_module
 
 pytestmark = pytest.mark.slow
 

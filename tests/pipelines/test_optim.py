@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipelines.config import OptimConfig, ScheduleConfig
-from pipelines.optim import RecipeSchedule, build_optimizer, lr_factor, param_groups
+from pipelines.train.optim import RecipeSchedule, build_optimizer, lr_factor, param_groups
 from segnext.model import create_model
 
 

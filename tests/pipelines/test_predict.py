@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from test_registry import CLASSES, PALETTE, single_thread, tiny_checkpoint  # noqa: F401
 
-from pipelines.checkpoint import CheckpointError
+from pipelines.checkpoint_io import CheckpointError
 from pipelines.cli import main
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 @pytest.fixture(autouse=True)
 def one_inference_thread(monkeypatch):
-    """What `pipelines.threads` gives the code under test: one thread on the shared machine."""
+    """What `pipelines.inference.threads` gives the code under test: one thread on the shared machine."""
     monkeypatch.setenv("SEGNEXT_THREADS", "1")
 
 
@@ -129,7 +129,7 @@ def test_predict_skips_bad_images_writes_the_rest_and_exits_2(tmp_path, capsys):
 
 
 def test_every_pixel_format_converts_to_rgb_without_clipping(tmp_path):
-    from pipelines.predict import ImageReadError, read_image
+    from pipelines.commands.predict import ImageReadError, read_image
 
     _messy_folder(tmp_path / "images")
     folder = tmp_path / "images"
@@ -154,7 +154,7 @@ def test_every_pixel_format_converts_to_rgb_without_clipping(tmp_path):
 
 
 def test_large_images_get_a_note_and_a_progress_bar_goes_to_stderr(tmp_path, capsys):
-    from pipelines.predict import predict_files
+    from pipelines.commands.predict import predict_files
 
     checkpoint = tiny_checkpoint(tmp_path / "ckpt", constant_class=0)  # training crop 64x64
     small, large = tmp_path / "small.png", tmp_path / "large.png"
@@ -176,7 +176,7 @@ def test_large_images_get_a_note_and_a_progress_bar_goes_to_stderr(tmp_path, cap
 def test_threads_follow_affinity_and_cgroup_quota(tmp_path, monkeypatch):
     import os
 
-    from pipelines.threads import available_cpus, inference_threads
+    from pipelines.inference.threads import available_cpus, inference_threads
 
     affinity = len(os.sched_getaffinity(0))
     assert available_cpus(tmp_path) == affinity  # no cgroup files: the affinity mask

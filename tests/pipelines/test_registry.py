@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import segnext
-from pipelines.checkpoint import CheckpointError, build_meta, save_checkpoint
+from pipelines.checkpoint_io import CheckpointError, build_meta, save_checkpoint
 
 CLASSES = ("sky", "road", "car")
 PALETTE = ((70, 130, 180), (128, 64, 128), (0, 0, 142))
@@ -73,7 +73,7 @@ def _initial_state(num_classes: int, seed: int) -> dict[str, torch.Tensor]:
 
 def sqlite_store(folder: Path) -> tuple[str, str]:
     """(tracking URI, experiment id) of a fresh SQLite store, created once up front."""
-    from pipelines.tracking import ensure_experiment
+    from pipelines.tracking.runs import ensure_experiment
 
     uri = f"sqlite:///{folder.resolve() / 'mlflow.db'}"
     return uri, ensure_experiment(uri, "segnext")
@@ -101,7 +101,7 @@ def test_champion_moves_only_for_a_better_model(tmp_path, monkeypatch, single_th
     from mlflow import MlflowClient
 
     from pipelines.cli import main
-    from pipelines.registry import register_checkpoint, using_tracking_uri
+    from pipelines.tracking.registry import register_checkpoint, using_tracking_uri
 
     uri, experiment = sqlite_store(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -147,7 +147,7 @@ def test_champion_moves_only_for_a_better_model(tmp_path, monkeypatch, single_th
 
 
 def test_register_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
-    from pipelines.registry import register_checkpoint
+    from pipelines.tracking.registry import register_checkpoint
 
     foreign = tmp_path / "foreign.pt"
     torch.save({"model": Foreign()}, foreign)
@@ -159,8 +159,8 @@ def test_register_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
 def test_find_run_checkpoint_best_and_latest(tmp_path):
     from mlflow import MlflowClient
 
-    from pipelines.registry import find_run_checkpoint
-    from pipelines.tracking import RUN_NAME_TAG
+    from pipelines.tracking.registry import find_run_checkpoint
+    from pipelines.tracking.runs import RUN_NAME_TAG
 
     storage = tmp_path / "ray"
     for iteration, score in ((100, 0.2), (200, 0.5), (300, 0.4)):

@@ -21,11 +21,11 @@ import pytest
 from PIL import Image
 
 from pipelines import storage
-from pipelines import train as train_module
-from pipelines.checkpoint import CheckpointError, load_checkpoint
+from pipelines.checkpoint_io import CheckpointError, load_checkpoint
 from pipelines.cli import main
 from pipelines.config import load_config
 from pipelines.storage import StorageError
+from pipelines.train import driver as train_module
 
 BUCKET = "segnext-test"
 CONFIG = """
@@ -218,7 +218,7 @@ def test_train_crash_resume_register_eval_on_s3(
 ) -> None:
     from mlflow import MlflowClient
 
-    from pipelines.registry import find_run_checkpoint
+    from pipelines.tracking.registry import find_run_checkpoint
 
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3")  # the run finds the endpoint in its config
     tracking = f"sqlite:///{workdir / 'mlflow.db'}"

@@ -23,8 +23,8 @@ import pytest
 from PIL import Image
 from test_registry import CLASSES, single_thread, sqlite_store, tiny_checkpoint  # noqa: F401
 
-from pipelines.checkpoint import load_checkpoint, model_from_checkpoint
-from pipelines.serving import (
+from pipelines.checkpoint_io import load_checkpoint, model_from_checkpoint
+from pipelines.inference.segmenter import (
     InferenceSettings,
     Segmenter,
     decode_mask_png,
@@ -43,7 +43,7 @@ pytestmark = pytest.mark.usefixtures(
 
 @pytest.fixture(autouse=True)
 def one_inference_thread(monkeypatch):
-    """What `pipelines.threads` gives the code under test: one thread on the shared machine."""
+    """What `pipelines.inference.threads` gives the code under test: one thread on the shared machine."""
     monkeypatch.setenv("SEGNEXT_THREADS", "1")
 
 
@@ -69,7 +69,7 @@ def registry(tmp_path_factory) -> str:
     """A SQLite store whose `segnext@champion` is a tiny random model; its tracking URI."""
     from mlflow import MlflowClient
 
-    from pipelines.registry import register_checkpoint
+    from pipelines.tracking.registry import register_checkpoint
 
     folder = tmp_path_factory.mktemp("registry")
     uri, experiment = sqlite_store(folder)
@@ -168,7 +168,7 @@ def test_pyfunc_rejects_bad_inputs_clearly(constant_model):
 def _pyfunc(checkpoint: Path, model_config: dict | None = None):
     from types import SimpleNamespace
 
-    from pipelines.serving import SegNeXtPyfunc
+    from pipelines.inference.segmenter import SegNeXtPyfunc
 
     model = SegNeXtPyfunc()
     model.load_context(
@@ -180,7 +180,7 @@ def _pyfunc(checkpoint: Path, model_config: dict | None = None):
 def test_oversized_requests_are_refused_with_http_400(constant_model, monkeypatch):
     from mlflow.exceptions import MlflowException
 
-    from pipelines.serving import ImageTooLargeError, max_pixels_setting
+    from pipelines.inference.segmenter import ImageTooLargeError, max_pixels_setting
 
     monkeypatch.delenv("SEGNEXT_MAX_PIXELS", raising=False)
     assert max_pixels_setting() == 16_000_000 and max_pixels_setting({"max_pixels": 10}) == 10
@@ -273,8 +273,8 @@ def test_champion_loads_and_predicts_in_a_fresh_process(registry):
 def test_model_uris_resolve_to_their_checkpoint_and_run(registry):
     from mlflow import MlflowClient
 
-    from pipelines.registry import using_tracking_uri
-    from pipelines.serving import resolve_model
+    from pipelines.inference.segmenter import resolve_model
+    from pipelines.tracking.registry import using_tracking_uri
 
     with using_tracking_uri(registry):
         source = resolve_model("models:/segnext@champion")

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import train as train_module
-from pipelines.checkpoint import load_checkpoint
+from pipelines.checkpoint_io import load_checkpoint
 from pipelines.cli import main
 from pipelines.config import ConfigError, load_config
+from pipelines.train import driver as train_module
 
 CONFIG = """
 model: {variant: tiny, classifier: integrated, drop_path_rate: 0.0}
@@ -157,7 +157,7 @@ def ray_session():
 @pytest.mark.parametrize("fused", [False, True])
 def test_fused_msca_switch_keeps_checkpoint_keys(workdir: Path, fused: bool) -> None:
     """train.fused_msca swaps MSCA for FusedMSCA without changing the state_dict layout."""
-    from pipelines.train_loop import build_model
+    from pipelines.train.loop import build_model
     from segnext.fast import FusedMSCA
 
     cfg = load_config(workdir / "exp.yaml", [f"train.fused_msca={str(fused).lower()}"])
@@ -205,7 +205,7 @@ def test_validation_scores_as_eval_and_skips_are_tracked(workdir: Path, ray_sess
 
     from mlflow.tracking import MlflowClient
 
-    from pipelines.evaluate import evaluate
+    from pipelines.commands.evaluate import evaluate
 
     shards = workdir / "broken-shards"
     shutil.copytree(workdir / "shards", shards)
@@ -306,7 +306,7 @@ def test_unreadable_validation_data_ends_the_run_without_retries(
     ])
     with pytest.raises(ConfigError, match="validation at iteration 2 failed: .*cannot decode"):
         train_module.train(cfg)
-    from pipelines.tracking import find_run
+    from pipelines.tracking.runs import find_run
 
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     run_id = find_run(client, client.get_experiment_by_name("test").experiment_id, "bad-val")

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from pipelines.train_step import train_step
+from pipelines.train.step import train_step
 
 
 def _model() -> nn.Module:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipelines.serving import InferenceSettings, Segmenter
+from pipelines.inference.segmenter import InferenceSettings, Segmenter
 
 MEAN, STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 BAND = 10  # pixels per coordinate band

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import segnext
-from pipelines import train as train_module
-from pipelines import warm_start
-from pipelines.checkpoint import build_meta, load_checkpoint, save_checkpoint
+from pipelines.checkpoint_io import build_meta, load_checkpoint, save_checkpoint
 from pipelines.config import load_config
+from pipelines.train import driver as train_module
+from pipelines.train import initial_weights as warm_start
 
 CONFIG = """
 model: {variant: tiny, classifier: integrated, drop_path_rate: 0.0}
@@ -175,8 +175,8 @@ def test_a_registered_model_is_copied_under_the_storage_path(
 ) -> None:
     from mlflow import MlflowClient
 
-    from pipelines.registry import register_checkpoint
-    from pipelines.tracking import ensure_experiment, start_run
+    from pipelines.tracking.registry import register_checkpoint
+    from pipelines.tracking.runs import ensure_experiment, start_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)

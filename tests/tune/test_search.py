@@ -202,7 +202,7 @@ def test_fractional_gpus_let_trials_share_a_card(tmp_path: Path) -> None:
     """Four 0.25-GPU trials on one GPU; the Train ScalingConfig asks Ray for the same."""
     import ray.train
 
-    from pipelines.train import worker_resources
+    from pipelines.train.driver import worker_resources
 
     cfg = _gpu_cfg(tmp_path, 0.25)
     assert worker_resources(cfg) == {"CPU": 1.0, "GPU": 0.25}
@@ -382,7 +382,7 @@ def test_warm_start_uses_the_source_when_it_exists_else_trains_from_scratch(
 
 def _checkpoint(folder: Path, *, num_classes: int) -> Path:
     import segnext
-    from pipelines.checkpoint import build_meta, save_checkpoint
+    from pipelines.checkpoint_io import build_meta, save_checkpoint
 
     model = segnext.create_model("tiny", num_classes, classifier="integrated")
     meta = build_meta(

@@ -1,6 +1,6 @@
 """Run an exported SegNeXt (`segnext export`) with numpy + onnxruntime only: no torch import.
 
-`OnnxSegmenter` is the counterpart of `pipelines.serving.Segmenter` for a `.onnx` file: the same
+`OnnxSegmenter` is the counterpart of `pipelines.inference.segmenter.Segmenter` for a `.onnx` file: the same
 normalisation, test resize, padding to the encoder's stride, whole-image or sliding-window
 inference (chosen per image by its size unless forced), optional multi-scale + flip, and the
 resize of the scores back to the input size, with the settings the export wrote into the file's
@@ -25,7 +25,7 @@ import numpy as np
 import onnxruntime as ort
 
 from data.transforms import rescaled_size  # numpy + PIL only
-from pipelines.images import same_size_batches  # numpy + PIL only
+from pipelines.inference.images import same_size_batches  # numpy + PIL only
 from pipelines.meta import MetaError, ModelMeta  # standard library only
 
 METADATA_KEY = "segnext"  # ONNX metadata_props key holding the JSON below

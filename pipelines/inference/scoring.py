@@ -1,6 +1,6 @@
 """The one scoring path: validation during training and `segnext eval` score with this code.
 
-Every sample is predicted at its original size by `pipelines.serving.Segmenter` (the code the
+Every sample is predicted at its original size by `pipelines.inference.segmenter.Segmenter` (the code the
 served model runs: test resize to `data.scale`, padding to the encoder stride or sliding
 window, scores resized back to the image) and counted in a confusion matrix against its
 untouched mask. So the validation mIoU that picks `best` and `@champion` during training is the
@@ -26,7 +26,7 @@ from data.shards import Manifest
 from data.stream import OnError, SkipTally
 
 if TYPE_CHECKING:
-    from pipelines.serving import Segmenter
+    from pipelines.inference.segmenter import Segmenter
 
 # (sample members, shard url, key): one raw webdataset sample
 RawSample = tuple[dict[str, Any], str, str]

@@ -7,7 +7,7 @@ forced), optional multi-scale + flip, and the resize of the scores back to the i
 `segnext eval`, `segnext predict` and the served model all go through it, so the score that
 `segnext eval` reports is the score of what is served.
 
-`SegNeXtPyfunc` is the `mlflow.pyfunc.PythonModel` that `pipelines.registry` logs. Inputs:
+`SegNeXtPyfunc` is the `mlflow.pyfunc.PythonModel` that `pipelines.tracking.registry` logs. Inputs:
 
 - a uint8 (H, W, 3) RGB array -> one (H, W) mask array;
 - a (B, H, W, 3) array -> a (B, H, W) array; a list of images (sizes may differ) -> a list of
@@ -58,15 +58,15 @@ from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, INVALID_PARAMETER_VA
 from PIL import Image
 
 from data.transforms import rescaled_size
-from pipelines.checkpoint import (
+from pipelines.checkpoint_io import (
     CheckpointError,
     load_checkpoint,
     model_from_checkpoint,
     payload_meta,
 )
-from pipelines.images import picture_to_rgb, same_size_batches
+from pipelines.inference.images import picture_to_rgb, same_size_batches
+from pipelines.inference.threads import set_torch_threads
 from pipelines.meta import EvalMeta
-from pipelines.threads import set_torch_threads
 from segnext.inference import predict_logits
 
 CHECKPOINT_ARTIFACT = "checkpoint"  # key of the checkpoint file in the pyfunc's artifacts
@@ -303,7 +303,7 @@ def _check_pixels(height: int, width: int, where: str, max_pixels: int | None) -
 
 def decode_image(value: Any, where: str, max_pixels: int | None = None) -> np.ndarray:
     """An RGB uint8 (H, W, 3) array from an array, nested lists, PIL image, or encoded bytes
-    (PNG/JPEG; str = base64 of them), converted by `pipelines.images` (16-bit scaled, palette,
+    (PNG/JPEG; str = base64 of them), converted by `pipelines.inference.images` (16-bit scaled, palette,
     gray, alpha). `max_pixels`: refuse larger images, for encoded ones before decoding."""
     if isinstance(value, str):
         try:

@@ -54,9 +54,9 @@ def _registered_checkpoint(source: str, tracking_uri: str | None, storage_path: 
     from mlflow.exceptions import MlflowException
 
     from pipelines import storage
-    from pipelines.registry import using_tracking_uri
-    from pipelines.serving import resolve_model
-    from pipelines.tracking import resolve_tracking_uri
+    from pipelines.inference.segmenter import resolve_model
+    from pipelines.tracking.registry import using_tracking_uri
+    from pipelines.tracking.runs import resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     try:
@@ -88,7 +88,7 @@ def _registered_checkpoint(source: str, tracking_uri: str | None, storage_path: 
 
 def check_source(source: str, part: str, model: nn.Module) -> None:
     """Load `source` into the driver's dry-built `model`: a ConfigError names what differs."""
-    from pipelines.checkpoint import CheckpointError, load_checkpoint
+    from pipelines.checkpoint_io import CheckpointError, load_checkpoint
 
     try:
         payload = load_checkpoint(source)
@@ -120,7 +120,7 @@ def check_source(source: str, part: str, model: nn.Module) -> None:
 
 def apply_source(model: nn.Module, source: str, part: str) -> str:
     """Load the weights of checkpoint `source` into `model` (a worker, before training)."""
-    from pipelines.checkpoint import load_checkpoint
+    from pipelines.checkpoint_io import load_checkpoint
 
     count = apply_weights(model, load_checkpoint(source)["model"], part)
     return f"{count} tensors ({part}) from {source}"

@@ -1,5 +1,5 @@
 """Training-time validation: every worker scores its share of the val split with the code
-`segnext eval` runs (`pipelines.validation`), the confusion matrices are summed over workers,
+`segnext eval` runs (`pipelines.inference.scoring`), the confusion matrices are summed over workers,
 and rank 0 logs the figures."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from torch import nn
 
 import segnext
 from data.samples import SampleReadError
-from pipelines import tracking
 from pipelines.config import ExperimentConfig, to_flat_dict
 from pipelines.meta import ModelMeta
 from pipelines.metric_names import SCORE, class_iou_metric
+from pipelines.tracking import runs as tracking
 
 PREVIEW_SAMPLES = 4  # validation images drawn in the prediction grid
 TOP_CONFUSED = 5
@@ -22,12 +22,12 @@ TOP_CONFUSED = 5
 
 class Validator:
     """Scores this worker's share of the val split at original size with the code `segnext
-    eval` runs (`pipelines.validation`), then sums the confusion matrices over all workers."""
+    eval` runs (`pipelines.inference.scoring`), then sums the confusion matrices over all workers."""
 
     def __init__(self, cfg: ExperimentConfig, meta: ModelMeta, core: nn.Module, *,
                  device: torch.device, rank: int, world: int) -> None:
         from data.shards import load_manifest
-        from pipelines.serving import Segmenter, settings_from_checkpoint
+        from pipelines.inference.segmenter import Segmenter, settings_from_checkpoint
 
         self.cfg, self.rank, self.world, self.core = cfg, rank, world, core
         self.manifest = load_manifest(cfg.data.root)
@@ -43,7 +43,7 @@ class Validator:
 
     def run(self) -> tuple[np.ndarray, int]:
         """(summed (K, K) confusion matrix, samples skipped on all workers)."""
-        from pipelines.validation import score_split
+        from pipelines.inference.scoring import score_split
 
         k = self.segmenter.num_classes
         problem = ""

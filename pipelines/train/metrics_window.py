@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from pipelines.train_step import StepResult
+from pipelines.train.step import StepResult
 
 AllReduce = Callable[[list[float]], np.ndarray]  # sum over ranks
 

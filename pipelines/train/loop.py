@@ -1,8 +1,8 @@
 """What every Ray Train worker runs: set up, restore, then step through its share of the plan.
 
 The pieces live in their own modules: the batch plan and the stream (`data.plan`,
-`data.stream`), one optimizer step (`pipelines.train_step`), validation (`pipelines.validator`),
-checkpoints (`pipelines.checkpointer`), the metrics window (`pipelines.metrics_window`). Every
+`data.stream`), one optimizer step (`pipelines.train.step`), validation (`pipelines.train.periodic_validation`),
+checkpoints (`pipelines.train.checkpointing`), the metrics window (`pipelines.train.metrics_window`). Every
 rank executes the same sequence of collectives (DDP gradient sync, the metric all-reduces,
 `ray.train.report`) at the same iterations, so no rank waits for another forever. Rank 0 alone
 writes checkpoints and logs to MLflow.
@@ -27,16 +27,21 @@ from torch import nn
 
 import segnext
 from data.stream import TrainStream
-from pipelines import tracking
-from pipelines.checkpoint import model_overrides
-from pipelines.checkpointer import Checkpointer
+from pipelines.checkpoint_io import model_overrides
 from pipelines.config import ExperimentConfig, config_from_dict, to_flat_dict
 from pipelines.meta import ModelMeta
 from pipelines.metric_names import SCORE
-from pipelines.metrics_window import MetricsWindow
-from pipelines.optim import RecipeSchedule, build_optimizer
-from pipelines.train_step import train_step
-from pipelines.validator import ValidationFailed, Validator, log_validation, summarize
+from pipelines.tracking import runs as tracking
+from pipelines.train.checkpointing import Checkpointer
+from pipelines.train.metrics_window import MetricsWindow
+from pipelines.train.optim import RecipeSchedule, build_optimizer
+from pipelines.train.periodic_validation import (
+    ValidationFailed,
+    Validator,
+    log_validation,
+    summarize,
+)
+from pipelines.train.step import train_step
 from segnext.fast import apply_fast_path
 from segnext.losses import class_balance_weights
 
@@ -166,7 +171,7 @@ def _initial_weights(cfg: ExperimentConfig, core: nn.Module, rank: int) -> None:
         if rank == 0:
             print(f"[segnext] pretrained weights from {cfg.model.pretrained}: {report}")
     if cfg.model.init_from:
-        from pipelines.warm_start import apply_source
+        from pipelines.train.initial_weights import apply_source
 
         report = apply_source(core, cfg.model.init_from, cfg.model.init_part)
         if rank == 0:

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 CHAMPION = "champion"
 MODEL_NAME = "model"  # the logged model's name within the run
 PYFUNC_FORMAT = "segnext-pyfunc/1"
-ENTRY_POINT = '''"""Pyfunc entry point of a SegNeXt model (written by pipelines.registry)."""
+ENTRY_POINT = '''"""Pyfunc entry point of a SegNeXt model (written by pipelines.tracking.registry)."""
 import mlflow
 
 from pipelines.serving import SegNeXtPyfunc
@@ -96,8 +96,8 @@ def _register_local(
     import mlflow
     from mlflow import MlflowClient
 
-    from pipelines.checkpoint import load_checkpoint, resolve_checkpoint_file
-    from pipelines.tracking import resolve_tracking_uri
+    from pipelines.checkpoint_io import load_checkpoint, resolve_checkpoint_file
+    from pipelines.tracking.runs import resolve_tracking_uri
 
     file = resolve_checkpoint_file(checkpoint_path)
     payload = load_checkpoint(file)
@@ -190,7 +190,7 @@ def _in_run(client: Any, run_id: str) -> Iterator[None]:
 
 def _signature() -> Any:
     """Outputs and the serving form only: an input schema would make MLflow reject the array
-    and list inputs before the model sees them (pipelines.serving documents all forms)."""
+    and list inputs before the model sees them (pipelines.inference.segmenter documents all forms)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
@@ -271,7 +271,7 @@ def _git_commit(run: Any) -> str:
     commit = tags.get("git_commit") or tags.get("mlflow.source.git.commit")
     if commit:
         return commit
-    from pipelines.tracking import git_commit
+    from pipelines.tracking.runs import git_commit
 
     return git_commit()
 
@@ -329,7 +329,7 @@ def attach_onnx(
 
     from mlflow import MlflowClient
 
-    from pipelines.tracking import resolve_tracking_uri
+    from pipelines.tracking.runs import resolve_tracking_uri
 
     client = MlflowClient(resolve_tracking_uri(tracking_uri))
     model_version = client.get_model_version(registry_name, version)
@@ -366,8 +366,8 @@ def find_run_checkpoint(run: Any, which: str) -> str:
     are searched.
     """
     from pipelines import storage as run_storage
-    from pipelines.checkpoint import CHECKPOINT_FILE, load_checkpoint
-    from pipelines.tracking import RUN_NAME_TAG, project_root
+    from pipelines.checkpoint_io import CHECKPOINT_FILE, load_checkpoint
+    from pipelines.tracking.runs import RUN_NAME_TAG, project_root
 
     tagged = run.data.tags.get("best_checkpoint")
     if which == "best" and tagged and run_storage.exists(tagged):
@@ -427,7 +427,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _main(args: argparse.Namespace) -> int:
     from mlflow import MlflowClient
 
-    from pipelines.tracking import resolve_tracking_uri
+    from pipelines.tracking.runs import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
     if args.checkpoint in ("best", "latest"):

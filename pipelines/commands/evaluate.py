@@ -1,6 +1,6 @@
 """`segnext eval`: score a model on a shard split at each image's original resolution.
 
-Every sample is predicted at its own size by `pipelines.serving.Segmenter` (the code the served
+Every sample is predicted at its own size by `pipelines.inference.segmenter.Segmenter` (the code the served
 model runs, so the score is the score of what is served) and counted in a
 `segnext.metrics.ConfusionMatrix`. Small splits run in this process; large ones (auto: more
 than `RAY_ABOVE` samples) run as Ray Data batch inference: `map_batches` over actors that each
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from data.samples import SamplePipeline
     from data.shards import Manifest
     from data.stream import OnError, SkipTally
-    from pipelines.serving import Segmenter
+    from pipelines.inference.segmenter import Segmenter
 
 RAY_ABOVE = 500  # --distributed auto: Ray Data batch inference for splits larger than this
 TOP_CONFUSED = 5
@@ -37,7 +37,7 @@ TOP_CONFUSED = 5
 
 @dataclass(frozen=True)
 class EvalOptions:
-    """Test-time settings; None keeps what the training run recorded (see pipelines.serving)."""
+    """Test-time settings; None keeps what the training run recorded (see pipelines.inference.segmenter)."""
 
     mode: str | None = None
     crop_size: tuple[int, int] | None = None
@@ -76,7 +76,7 @@ def evaluate_local(
     progress: bool = True,
 ) -> tuple[np.ndarray, SkipTally]:
     """The split's confusion matrix computed in this process, and what was skipped."""
-    from pipelines.validation import score_split
+    from pipelines.inference.scoring import score_split
 
     scored, skipped = score_split(segmenter, manifest, split, on_error=on_error,
                                   progress=progress)
@@ -89,14 +89,14 @@ class BatchScorer:
     def __init__(
         self, model: str, options: EvalOptions, pipeline: SamplePipeline, on_error: OnError
     ) -> None:
-        from pipelines.serving import load_segmenter
+        from pipelines.inference.segmenter import load_segmenter
 
         self.segmenter = load_segmenter(model, **options.overrides())
         self.pipeline, self.on_error = pipeline, on_error
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from data.stream import SkipTally
-        from pipelines.validation import score_samples
+        from pipelines.inference.scoring import score_samples
 
         members = [name for name in batch if not name.startswith("__")]
         samples = [
@@ -128,7 +128,7 @@ def evaluate_ray(
 
     from data.sample_index import checked_shards
     from data.stream import SkipTally, configure_data_context
-    from pipelines.validation import scoring_pipeline
+    from pipelines.inference.scoring import scoring_pipeline
 
     configure_data_context(progress_bars=False)
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-10-s progress lines
@@ -179,7 +179,7 @@ def evaluate(
     import torch
 
     from data.shards import load_manifest
-    from pipelines.serving import Segmenter, load_source, resolve_model
+    from pipelines.inference.segmenter import Segmenter, load_source, resolve_model
     from segnext.metrics import ConfusionMatrix
 
     options = options or EvalOptions()
@@ -291,7 +291,7 @@ def log_to_mlflow(
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
-    from pipelines import tracking
+    from pipelines.tracking import runs as tracking
 
     uri = tracking.resolve_tracking_uri(tracking_uri)
     client = MlflowClient(uri)
@@ -394,7 +394,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _main(args: argparse.Namespace) -> int:
     import mlflow
 
-    from pipelines.tracking import resolve_tracking_uri
+    from pipelines.tracking.runs import resolve_tracking_uri
 
     mlflow.set_tracking_uri(resolve_tracking_uri(args.tracking_uri))  # for models:/ references
     options = EvalOptions(

@@ -163,7 +163,7 @@ def run_training(
 
     from mlflow.tracking import MlflowClient
 
-    from pipelines import tracking
+    from pipelines.tracking import runs as tracking
 
     tracking_uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
     experiment_id = tracking.ensure_experiment(tracking_uri, cfg.mlflow.experiment)
@@ -186,10 +186,10 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
     from data.shards import load_manifest
     from data.transforms import MEAN, STD
     from pipelines import storage
-    from pipelines.checkpoint import build_meta
+    from pipelines.checkpoint_io import build_meta
     from pipelines.config import to_flat_dict
     from pipelines.meta import EvalMeta
-    from pipelines.train_loop import build_model
+    from pipelines.train.loop import build_model
 
     storage.configure_endpoint(cfg.storage.endpoint)
     storage.preflight(cfg)  # endpoint, bucket, credentials: before any worker starts
@@ -235,7 +235,7 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
     except (TypeError, ValueError) as error:
         raise ConfigError(f"model options rejected by create_model: {error}") from error
     if cfg.model.init_from:
-        from pipelines import warm_start
+        from pipelines.train import initial_weights as warm_start
 
         cfg = replace(cfg, model=replace(cfg.model, init_from=warm_start.resolve_source(
             cfg.model.init_from, tracking_uri=cfg.mlflow.tracking_uri,
@@ -352,8 +352,8 @@ def _open_mlflow_run(client, experiment_id, cfg, prepared, run_name, *, parent_r
     import ray
     import torch
 
-    from pipelines import tracking
     from pipelines.config import to_flat_dict
+    from pipelines.tracking import runs as tracking
 
     opening = tracking.training_description(cfg, run_name=run_name, num_params=prepared.num_params,
                                             train_samples=prepared.train_samples)
@@ -389,12 +389,12 @@ def _fit(cfg, prepared, run_name, storage_path, callbacks, *, tracking_uri, run_
 
     from data.stream import configure_data_context
     from pipelines import storage as run_storage
-    from pipelines.train_loop import WorkerArgs
+    from pipelines.train.loop import WorkerArgs
 
     configure_data_context(progress_bars=False)
     stream = prepared.stream.with_skip_ledger()  # skip mode: counts kept by the driver
     # Each worker streams its own share of the batch plan (data.stream.TrainStream), and
-    # validation reads its split on the workers (pipelines.validation), at original size.
+    # validation reads its split on the workers (pipelines.inference.scoring), at original size.
     args = WorkerArgs(
         experiment=to_dict(cfg), meta=prepared.meta, stream=stream,
         tracking_uri=tracking_uri, run_id=run_id,
@@ -451,15 +451,15 @@ def worker_resources(cfg: ExperimentConfig) -> dict[str, float]:
 
 def _train_loop(config: dict[str, Any]) -> dict[str, Any]:
     """Imported lazily so the driver does not pay for the worker's imports at CLI start."""
-    from pipelines.train_loop import train_loop_per_worker
+    from pipelines.train.loop import train_loop_per_worker
 
     return train_loop_per_worker(config)
 
 
 def _finish(cfg, client, tracking_uri, run_id, run_name, result) -> TrainResult:
     """Best checkpoint, curves, registry, end of the MLflow run."""
-    from pipelines import tracking
     from pipelines.storage import uri_of
+    from pipelines.tracking import runs as tracking
 
     best_path, best_score = None, None
     for checkpoint, metrics in result.best_checkpoints or []:
@@ -484,7 +484,7 @@ def _finish(cfg, client, tracking_uri, run_id, run_name, result) -> TrainResult:
     client.log_figure(run_id, tracking.curves_figure(histories), "curves.png")
     version = None
     if cfg.registry.register and best_path is not None:
-        from pipelines.registry import register_checkpoint
+        from pipelines.tracking.registry import register_checkpoint
 
         version = str(register_checkpoint(best_path, run_id=run_id, tracking_uri=tracking_uri,
                                           registry_name=cfg.registry.name).version)
@@ -522,7 +522,7 @@ def _log_skipped(cfg, client, run_id: str, returned: dict[str, Any]) -> dict[str
     over the passes streamed); the val count is that of the last validation."""
     from data.sample_index import split_label
     from data.stream import skipped_samples
-    from pipelines.tracking import metric_name
+    from pipelines.tracking.runs import metric_name
 
     train = split_label(cfg.data.train_splits)
     counts = {

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from data.plan import PLAN_VERSION, BatchPlan
-from pipelines.checkpoint import load_checkpoint, save_checkpoint
+from pipelines.checkpoint_io import load_checkpoint, save_checkpoint
 
 RNG_SCHEME = {
     "plan": f"data.plan v{PLAN_VERSION}: per-epoch permutation seeded by (seed, epoch)",

@@ -9,8 +9,8 @@ MLflow model (`models:/segnext@champion`): class names and palette come with it.
 
 An image that cannot be read (corrupt, truncated, unsupported pixel format) is reported on one
 line and skipped; the others are still written, and the command ends with a summary and exit
-code 2. 16-bit, palette, grayscale, RGBA and CMYK images are converted by `pipelines.images`.
-Torch (or onnxruntime) runs with as many threads as the process has cores (`pipelines.threads`).
+code 2. 16-bit, palette, grayscale, RGBA and CMYK images are converted by `pipelines.inference.images`.
+Torch (or onnxruntime) runs with as many threads as the process has cores (`pipelines.inference.threads`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from data.transforms import rescaled_size  # numpy + PIL only: the ONNX path imports no torch
-from pipelines.images import UnsupportedImageError, picture_to_rgb
+from pipelines.inference.images import UnsupportedImageError, picture_to_rgb
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MAX_PALETTE_CLASSES = 256
@@ -150,20 +150,20 @@ def predict_files(
 ) -> PredictReport:
     """Segment every input image, write its mask and overlay to `out`. An image that cannot
     be read is reported on stderr and skipped; the others are still written. `threads`: CPU
-    threads (default: the cores this process may use, see `pipelines.threads`)."""
+    threads (default: the cores this process may use, see `pipelines.inference.threads`)."""
     from tqdm import tqdm
 
-    from pipelines.threads import inference_threads
+    from pipelines.inference.threads import inference_threads
 
     files = list_images(inputs)
     threads = inference_threads(threads)
     if str(model).lower().endswith(".onnx"):  # numpy + onnxruntime only: no torch import
-        from pipelines.onnx_runtime import load_onnx_segmenter
+        from pipelines.inference.onnx_runtime import load_onnx_segmenter
 
         segmenter = load_onnx_segmenter(model, threads=threads, **overrides)
     else:
-        from pipelines.serving import load_segmenter
-        from pipelines.threads import set_torch_threads
+        from pipelines.inference.segmenter import load_segmenter
+        from pipelines.inference.threads import set_torch_threads
 
         set_torch_threads(threads)
         segmenter = load_segmenter(model, **overrides)
@@ -241,7 +241,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _main(args: argparse.Namespace) -> int:
     import mlflow
 
-    from pipelines.tracking import resolve_tracking_uri
+    from pipelines.tracking.runs import resolve_tracking_uri
 
     mlflow.set_tracking_uri(resolve_tracking_uri(args.tracking_uri))  # for models:/ references
     report = predict_files(

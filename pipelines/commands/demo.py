@@ -42,8 +42,8 @@ def _main(args: argparse.Namespace) -> int:
 
 def run_demo(overrides: list[str] | None = None) -> None:
     from pipelines.config import load_config
-    from pipelines.tracking import project_root, resolve_tracking_uri
-    from pipelines.train import summary, train
+    from pipelines.tracking.runs import project_root, resolve_tracking_uri
+    from pipelines.train.driver import summary, train
 
     started = time.perf_counter()
     root = project_root()

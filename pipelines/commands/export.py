@@ -15,8 +15,8 @@ Before the file is moved into place, onnxruntime runs it on a real image (`--ima
 first validation image of the run's shards) next to PyTorch; the max abs score difference and
 the argmax agreement are printed, and below `--min-agreement` (99.9%) nothing is written.
 Everything the runtime needs (class names, palette, normalisation, eval settings) goes into the
-file's metadata (`pipelines.onnx_runtime.METADATA_KEY`). With `--register` the file is added
-to the registered model version it came from (`pipelines.registry.attach_onnx`).
+file's metadata (`pipelines.inference.onnx_runtime.METADATA_KEY`). With `--register` the file is added
+to the registered model version it came from (`pipelines.tracking.registry.attach_onnx`).
 """
 
 from __future__ import annotations
@@ -88,9 +88,14 @@ def export_onnx(
     import onnx
     import torch
 
-    from pipelines.checkpoint import model_from_checkpoint
-    from pipelines.onnx_runtime import METADATA_KEY, OnnxSegmenter
-    from pipelines.serving import SIZE_DIVISOR, SLIDE_ABOVE_CROPS, load_source, resolve_model
+    from pipelines.checkpoint_io import model_from_checkpoint
+    from pipelines.inference.onnx_runtime import METADATA_KEY, OnnxSegmenter
+    from pipelines.inference.segmenter import (
+        SIZE_DIVISOR,
+        SLIDE_ABOVE_CROPS,
+        load_source,
+        resolve_model,
+    )
 
     out = Path(out)
     if out.suffix.lower() != ".onnx":
@@ -201,12 +206,12 @@ def _metadata(
     size_divisor: int,
     slide_above_crops: int,
 ) -> dict[str, Any]:
-    """The runtime's settings: the registered model's (pipelines.serving), as JSON."""
+    """The runtime's settings: the registered model's (pipelines.inference.segmenter), as JSON."""
     import torch
 
+    from pipelines.inference.onnx_runtime import FORMAT
+    from pipelines.inference.segmenter import settings_from_checkpoint
     from pipelines.meta import payload_meta
-    from pipelines.onnx_runtime import FORMAT
-    from pipelines.serving import settings_from_checkpoint
 
     settings = dataclasses.asdict(settings_from_checkpoint(payload))
     settings.update(size_divisor=size_divisor, slide_above_crops=slide_above_crops)
@@ -232,7 +237,7 @@ def _network_input(runtime: Any, picture: np.ndarray, size: tuple[int, int] | No
     """The verification image as the network sees it: normalised, at the export size (fixed)
     or at the runtime's test size padded to the encoder stride (dynamic)."""
     from data.transforms import rescaled_size
-    from pipelines.onnx_runtime import resize_bilinear
+    from pipelines.inference.onnx_runtime import resize_bilinear
 
     x = runtime.normalise(picture[None])
     if size is not None:
@@ -246,7 +251,7 @@ def _network_input(runtime: Any, picture: np.ndarray, size: tuple[int, int] | No
 
 def _verification_image(image: str | Path | None, payload: dict[str, Any]) -> tuple[Any, str]:
     """(RGB uint8 array, its name): `image`, else the first validation image of the shards."""
-    from pipelines.predict import read_rgb
+    from pipelines.commands.predict import read_rgb
 
     if image is not None:
         path = Path(image)
@@ -340,7 +345,7 @@ def _main(args: argparse.Namespace) -> int:
     import mlflow
     from mlflow import MlflowClient
 
-    from pipelines.tracking import resolve_tracking_uri
+    from pipelines.tracking.runs import resolve_tracking_uri
 
     if (args.height is None) != (args.width is None) or (args.dynamic and args.width):
         raise ExportError("pass --height H --width W together (a fixed size), or --dynamic")
@@ -358,7 +363,7 @@ def _main(args: argparse.Namespace) -> int:
     )
     print("\n".join(report.lines()))
     if target is not None:
-        from pipelines.registry import attach_onnx
+        from pipelines.tracking.registry import attach_onnx
 
         version = attach_onnx(report.path, registry_name=target[0], version=target[1],
                               tracking_uri=uri)

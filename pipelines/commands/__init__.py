@@ -1,0 +1,1 @@
+"""The `segnext eval`, `predict`, `export` and `demo` commands."""

@@ -1,0 +1,1 @@
+"""MLflow bookkeeping: runs, params, figures, the model registry."""

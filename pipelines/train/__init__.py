@@ -1,0 +1,1 @@
+"""Training: the driver (`segnext train`), the per-worker loop and its parts."""
