@@ -161,13 +161,12 @@ def train_head(cfg, run_name: str, out: Path, parent_run_id: str) -> dict[str, A
 
     from pipelines.metric_names import SCORE
     from pipelines.train.driver import run_training
+    from pipelines.train.resolve import resolve
 
     meter = CpuMeter().start()
     start = time.perf_counter()
     result = run_training(
-        cfg,
-        run_name=run_name,
-        storage_path=str(out / "ray"),
+        resolve(cfg, run_name=run_name, storage_path=str(out / "ray")),
         mlflow_parent_run_id=parent_run_id,
         mlflow_run_tags={"benchmark": "camvid_accuracy"},
     )
@@ -441,9 +440,10 @@ def score_decisions(checkpoint: str, shards: Path) -> dict[str, dict[str, Any]]:
     The rules differ only at prediction time (segnext.classifier.DECISIONS), so one trained
     model is scored three times with `segnext eval`'s local path; nothing is trained again.
     """
-    from data.shards import load_manifest
+    from data.manifest import load_manifest
     from pipelines.commands.evaluate import TOP_CONFUSED, evaluate_local
-    from pipelines.inference.segmenter import Segmenter, load_source, resolve_model
+    from pipelines.inference.segmenter import Segmenter
+    from pipelines.tracking.models import load_source, resolve_model
     from segnext.classifier import DECISIONS
     from segnext.metrics import ConfusionMatrix
 
@@ -468,7 +468,7 @@ def run_one(
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
-    from pipelines.commands.evaluate import log_to_mlflow
+    from pipelines.tracking.evaluation import log_evaluation
 
     cfg = run_config(args, config, seed, shards, out)
     uri = tracking_uri(out)
@@ -481,7 +481,7 @@ def run_one(
     result["eval_wall_s"] = time.perf_counter() - start
     result["test_images"] = evaluation.num_samples
     evaluation.model_run_id = result["run_id"]
-    log_to_mlflow(
+    log_evaluation(
         evaluation,
         model=result["checkpoint"],
         data=str(shards),
@@ -554,8 +554,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from mlflow.tracking import MlflowClient
 
+    from pipelines.cluster import init_ray
     from pipelines.tracking import runs as tracking
-    from pipelines.train.driver import init_ray
 
     uri = tracking_uri(out)
     client = MlflowClient(uri)

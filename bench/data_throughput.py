@@ -91,7 +91,7 @@ def measure(batches: Callable[[], Iterable[dict]], exclude: set[int] = frozenset
 def transform_ceiling(root: str, recipe: dict, limit: int) -> float:
     """CPU-ms per sample of decode + transform alone in this process (the per-core ceiling)."""
     from data.loader import build_pipeline, read_shard
-    from data.shards import load_manifest
+    from data.manifest import load_manifest
 
     manifest = load_manifest(root)
     pipeline = build_pipeline(manifest, train=True, **recipe)

@@ -77,7 +77,7 @@ def main() -> None:
     from mlflow.tracking import MlflowClient
     from ray.cluster_utils import Cluster
 
-    from data.shards import write_shards
+    from data.shard_writer import write_shards
     from data.sources import Synthetic
     from pipelines.config import load_config
     from pipelines.train.driver import train

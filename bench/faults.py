@@ -196,7 +196,7 @@ def corrupt_shard(shards: Path) -> str:
     """Damage the first image of the first train shard in place (same size)."""
     import tarfile
 
-    from data.shards import load_manifest
+    from data.manifest import load_manifest
 
     shard = load_manifest(shards).shard_urls("train")[0]
     with tarfile.open(shard) as tar:
@@ -249,7 +249,7 @@ def main() -> None:
     if out.exists():
         raise SystemExit(f"{out} exists; pass another --out or remove it")
     out.mkdir(parents=True)
-    from data.shards import write_shards
+    from data.shard_writer import write_shards
     from data.sources import Synthetic
 
     # 32 train images = 4 iterations per epoch: the damage lands between epochs.

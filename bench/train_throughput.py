@@ -100,6 +100,7 @@ def run_ray(args: argparse.Namespace, root: Path, workers: int) -> dict[str, flo
 
     from pipelines.config import load_config
     from pipelines.train.driver import run_training
+    from pipelines.train.resolve import resolve
 
     cpus = os.cpu_count() or 1
     cfg = load_config(
@@ -112,8 +113,8 @@ def run_ray(args: argparse.Namespace, root: Path, workers: int) -> dict[str, flo
     )
     meter = CpuMeter().start()
     wall_before = time.perf_counter()
-    result = run_training(cfg, run_name=f"bench-{workers}w-{int(time.time())}",
-                          storage_path=str(root / "ray"))
+    result = run_training(resolve(cfg, run_name=f"bench-{workers}w-{int(time.time())}",
+                                  storage_path=str(root / "ray")))
     wall = time.perf_counter() - wall_before
     cpu = meter.stop()
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
@@ -146,7 +147,7 @@ def main() -> None:
 
     import ray
 
-    from data.shards import write_shards
+    from data.shard_writer import write_shards
     from pipelines.cluster import init_ray
     from pipelines.config import load_config
 

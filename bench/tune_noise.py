@@ -40,7 +40,8 @@ def main() -> int:
     from pipelines.cluster import init_ray
     from pipelines.config import with_overrides
     from pipelines.train.driver import run_training
-    from tune.search import best_trial, collect_outcomes, resolve_warm_start
+    from pipelines.train.resolve import resolve
+    from tune.run import best_trial, collect_outcomes, resolve_warm_start
     from tune.space import load_search_config
 
     started = time.perf_counter()
@@ -72,7 +73,8 @@ def main() -> int:
             )
             name = f"{args.search}-noise-{outcome.trial_id}-seed{seed}-{time.strftime('%H%M%S')}"
             t0 = time.perf_counter()
-            result = run_training(run_cfg, run_name=name, storage_path=str(args.out / "ray"))
+            run = resolve(run_cfg, run_name=name, storage_path=str(args.out / "ray"))
+            result = run_training(run)
             rows.append(
                 {
                     "config": label,

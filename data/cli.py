@@ -182,7 +182,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _write(args: argparse.Namespace) -> int:
-    from data.shards import Interrupted, write_shards
+    from data.shard_writer import Interrupted, write_shards
 
     try:
         summary = write_shards(
@@ -217,7 +217,7 @@ def _write(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from data.shards import verify
+    from data.shard_verify import verify
 
     try:
         report = verify(args.out, max_problems=args.max_problems, progress=True)

@@ -14,8 +14,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data.manifest import iter_tar_samples, load_manifest, tar_error_text
 from data.samples import FIX_HINT, SamplePipeline, SampleReadError, build_pipeline
-from data.shards import iter_tar_samples, load_manifest, resolve_filesystem, tar_error_text
+from data.storage import resolve_filesystem
 from data.transforms import to_training_batch
 
 

@@ -22,8 +22,9 @@ from typing import Literal
 import numpy as np
 from pyarrow import fs as pafs
 
+from data.manifest import Manifest, join_root
 from data.samples import FIX_HINT, SampleReadError
-from data.shards import Manifest, join_root, resolve_filesystem
+from data.storage import resolve_filesystem
 
 logger = logging.getLogger(__name__)
 

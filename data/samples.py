@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from data.shards import Manifest
+from data.manifest import Manifest
 from data.sources.base import SampleError
 from data.transforms import EvalTransform, TrainTransform
 
@@ -113,7 +113,7 @@ def build_pipeline(
     cat_max_ratio: float = 0.75,
     seed: int = 0,
 ) -> SamplePipeline:
-    """The SamplePipeline for a manifest (data.shards.Manifest) and the recipe knobs."""
+    """The SamplePipeline for a manifest (data.manifest.Manifest) and the recipe knobs."""
     ignore_index = manifest.ignore_index
     if train:
         transform = TrainTransform(

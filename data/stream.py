@@ -33,11 +33,11 @@ import ray
 from pyarrow import fs as pafs
 from ray.data import DataContext, Dataset, ExecutionResources, TaskPoolStrategy
 
+from data.manifest import load_manifest
 from data.plan import BatchPlan
 from data.sample_index import SampleIndex, split_label
 from data.samples import FIX_HINT, SamplePipeline, SampleReadError, build_pipeline
 from data.scheduler_idle import install_idle_wait
-from data.shards import load_manifest
 from data.transforms import to_training_batch
 
 if TYPE_CHECKING:

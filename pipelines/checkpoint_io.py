@@ -4,6 +4,11 @@ The payload is a plain dict of tensors and built-in types, so `torch.load(weight
 reads it without unpickling code; its "meta" is `ModelMeta.to_dict()` on disk and a checked
 `ModelMeta` once loaded. Writes go to a temporary file renamed into place, so a crash
 mid-write never leaves a truncated checkpoint behind.
+
+Ray Train writes checkpoints through a pyarrow filesystem, so everything that reads them later
+(registration, `segnext eval`, predict, `--resume`) goes through the same one (data.storage):
+a remote checkpoint is fetched into a temporary folder that disappears after use, never
+assumed local.
 """
 
 from __future__ import annotations
@@ -12,12 +17,17 @@ import os
 import pickle
 import tempfile
 import zipfile
-from pathlib import Path
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.fs as pafs
 import torch
 
 import segnext
+from data.storage import StorageError, explain_error, file_info, is_remote, resolve, uri_of
 from pipelines.meta import FORMAT, EvalMeta, MetaError, ModelMeta, payload_meta
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -67,8 +77,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     its "meta" comes back as a checked `ModelMeta` (CheckpointError naming the file if not).
 
     `path` may be a URI (s3://, gs://): the checkpoint is fetched into a temporary folder."""
-    from pipelines.storage import is_remote, local_checkpoint
-
     if is_remote(path):
         with local_checkpoint(path) as local:
             try:
@@ -110,6 +118,69 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except MetaError as error:
         raise CheckpointError(str(error)) from None
     return payload
+
+
+def is_checkpoint_uri(reference: str | os.PathLike) -> bool:
+    """A URI on a filesystem pyarrow opens that is not an MLflow model folder (no `MLmodel`):
+    read as a checkpoint file or Ray checkpoint folder. models:/, runs:/ and MLflow's own
+    schemes are not; they go to MLflow."""
+    text = os.fspath(reference)
+    if not is_remote(text):
+        return False
+    try:
+        filesystem, path = resolve(text)
+    except (ValueError, pa.ArrowException):  # mlflow-artifacts://, http://: not a filesystem
+        return False
+    model_file = f"{path.rstrip('/')}/MLmodel"
+    return file_info(filesystem, model_file, text, "read").type != pafs.FileType.File
+
+
+@contextmanager
+def local_checkpoint(reference: str | os.PathLike) -> Iterator[Path]:
+    """A local path to the checkpoint file or folder `reference`: the path itself when it is
+    local, else a copy fetched through pyarrow into a temporary folder removed on exit."""
+    text = os.fspath(reference)
+    if not is_remote(text):
+        yield Path(text).expanduser()
+        return
+    filesystem, path = resolve(text)
+    kind = file_info(filesystem, path, text, "read").type
+    if kind == pafs.FileType.NotFound:
+        raise CheckpointError(
+            f"no checkpoint at {text}; pass a Ray checkpoint folder holding {CHECKPOINT_FILE} "
+            "or the file itself"
+        )
+    with tempfile.TemporaryDirectory(prefix="segnext-checkpoint-") as folder:
+        target = Path(folder) / (PurePosixPath(path).name or "checkpoint")
+        if kind == pafs.FileType.Directory:
+            target.mkdir()
+        try:
+            pafs.copy_files(
+                path,
+                str(target),
+                source_filesystem=filesystem,
+                destination_filesystem=pafs.LocalFileSystem(),
+            )
+        except (OSError, pa.ArrowException) as error:
+            raise StorageError(explain_error(error, text, "read")) from error
+        yield target
+
+
+def checkpoint_files(run_uri: str) -> list[str]:
+    """`<run>/checkpoint_*/checkpoint.pt` under a Ray run folder, local or remote, sorted."""
+    filesystem, path = resolve(run_uri)
+    if file_info(filesystem, path, run_uri, "read").type != pafs.FileType.Directory:
+        return []
+    entries = filesystem.get_file_info(pafs.FileSelector(path, recursive=False))
+    files = [
+        f"{entry.path}/{CHECKPOINT_FILE}"
+        for entry in entries
+        if entry.type == pafs.FileType.Directory and entry.base_name.startswith("checkpoint_")
+    ]
+    found = [
+        info.path for info in filesystem.get_file_info(files) if info.type == pafs.FileType.File
+    ]
+    return sorted(uri_of(filesystem, file) for file in found)
 
 
 def build_meta(

@@ -15,13 +15,13 @@ import sys
 # module path -> the subcommands it registers (in `segnext --help` order)
 SUBCOMMAND_MODULES = (
     "data.cli",  # shards
-    "pipelines.train.driver",  # train
+    "pipelines.train.cli",  # train
     "pipelines.commands.demo",  # demo
     "pipelines.commands.evaluate",  # eval
     "pipelines.commands.predict",  # predict
     "pipelines.tracking.registry",  # register
     "pipelines.commands.export",  # export
-    "tune.search",  # tune
+    "tune.cli",  # tune
 )
 
 

@@ -1,6 +1,8 @@
 """SegNeXt in pure PyTorch: the model, its official-weight converter, losses, metrics, inference.
 
-Losses, metrics and inference are imported on first use, so `import segnext` stays light.
+Every public name is imported on first use (`segnext.create_model`, `from segnext import
+SegNeXt`, ... work as always), so `import segnext` itself loads no torch: `segnext.windows`, the
+sliding-window grid in plain Python, is shared with the torch-free ONNX runtime.
 """
 
 from __future__ import annotations
@@ -8,29 +10,27 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from segnext.classifier import build_classifier
-from segnext.convert import LoadReport, load_official_weights, to_official_state_dict
-from segnext.model import VARIANTS, SegNeXt, create_model
-
 _LAZY = {
+    "VARIANTS": "segnext.model",
+    "SegNeXt": "segnext.model",
+    "create_model": "segnext.model",
+    "build_classifier": "segnext.classifier",
+    "LoadReport": "segnext.convert",
+    "load_official_weights": "segnext.convert",
+    "to_official_state_dict": "segnext.convert",
     "build_criterion": "segnext.losses",
     "ConfusionMatrix": "segnext.metrics",
     "predict_logits": "segnext.inference",
 }
 
-__all__ = [
-    "VARIANTS",
-    "LoadReport",
-    "SegNeXt",
-    "build_classifier",
-    "create_model",
-    "load_official_weights",
-    "to_official_state_dict",
-    *_LAZY,
-]
+__all__ = list(_LAZY)
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'segnext' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

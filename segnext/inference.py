@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segnext.windows import window_boxes
+
 MODES = ("whole", "slide")
 
 
@@ -51,33 +53,27 @@ def slide_logits(
 ) -> torch.Tensor:
     """Average of the logits of overlapping crop windows (mmsegmentation's grid).
 
-    Windows start every `stride` pixels, the last one clamped to the border; a window larger
-    than the image is zero-padded at the bottom/right (0 = the mean colour after normalisation)
-    and its logits cropped back.
+    Windows start every `stride` pixels, the last one clamped to the border (the grid of
+    `segnext.windows.window_boxes`); a window larger than the image is zero-padded at the
+    bottom/right (0 = the mean colour after normalisation) and its logits cropped back.
     """
     h_crop, w_crop = _pair(crop_size, "crop_size")
     h_stride, w_stride = _pair(stride, "stride")
     if h_stride > h_crop or w_stride > w_crop:
         raise ValueError(f"stride {stride} larger than crop_size {crop_size} leaves gaps")
     batch, _, height, width = images.shape
-    h_grids = max(height - h_crop + h_stride - 1, 0) // h_stride + 1
-    w_grids = max(width - w_crop + w_stride - 1, 0) // w_stride + 1
     summed: torch.Tensor | None = None
     count = images.new_zeros((1, 1, height, width))
-    for h_idx in range(h_grids):
-        for w_idx in range(w_grids):
-            y2 = min(h_idx * h_stride + h_crop, height)
-            x2 = min(w_idx * w_stride + w_crop, width)
-            y1, x1 = max(y2 - h_crop, 0), max(x2 - w_crop, 0)
-            crop = images[:, :, y1:y2, x1:x2]
-            pad_h, pad_w = h_crop - crop.shape[-2], w_crop - crop.shape[-1]
-            if pad_h or pad_w:
-                crop = F.pad(crop, (0, pad_w, 0, pad_h))
-            logits = _forward(model, crop)[:, :, : y2 - y1, : x2 - x1]
-            if summed is None:
-                summed = logits.new_zeros((batch, logits.shape[1], height, width))
-            summed[:, :, y1:y2, x1:x2] += logits
-            count[:, :, y1:y2, x1:x2] += 1
+    for y1, x1, y2, x2 in window_boxes(height, width, (h_crop, w_crop), (h_stride, w_stride)):
+        crop = images[:, :, y1:y2, x1:x2]
+        pad_h, pad_w = h_crop - crop.shape[-2], w_crop - crop.shape[-1]
+        if pad_h or pad_w:
+            crop = F.pad(crop, (0, pad_w, 0, pad_h))
+        logits = _forward(model, crop)[:, :, : y2 - y1, : x2 - x1]
+        if summed is None:
+            summed = logits.new_zeros((batch, logits.shape[1], height, width))
+        summed[:, :, y1:y2, x1:x2] += logits
+        count[:, :, y1:y2, x1:x2] += 1
     return summed / count
 
 

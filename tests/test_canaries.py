@@ -105,7 +105,7 @@ def test_error_attributes_the_root_cause_is_read_from() -> None:
     from ray.exceptions import RayTaskError
     from ray.train import WorkerGroupError
 
-    used_by = "pipelines/cli.py::root_cause and tune/search.py::_error_line"
+    used_by = "pipelines/cli.py::root_cause and tune/run.py::_error_line"
     cause = ValueError("loss is nan")
     failed = WorkerGroupError("training failed", {0: cause})
     assert getattr(failed, "worker_failures", None) == {0: cause}, (
@@ -118,7 +118,7 @@ def test_error_attributes_the_root_cause_is_read_from() -> None:
 def test_tune_trial_methods_the_search_reads() -> None:
     from ray.tune.experiment import Trial
 
-    used_by = "tune/search.py::collect_outcomes and _error_line"
+    used_by = "tune/run.py::collect_outcomes and _error_line"
     for name in ("get_pickled_error", "get_error"):
         assert callable(getattr(Trial, name, None)), f"Trial.{name} is gone; used by {used_by}"
     for status in ("ERROR", "TERMINATED"):
@@ -132,7 +132,7 @@ def test_serving_environment_flag_is_set_by_the_scoring_server(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The pyfunc applies its deadline only under `mlflow models serve`, told by this flag."""
-    used_by = "pipelines/serving.py::SegNeXtPyfunc.predict (request deadline)"
+    used_by = "pipelines/serving/pyfunc.py::SegNeXtPyfunc.predict (request deadline)"
     flag = _hook("mlflow.environment_variables", "_MLFLOW_IS_IN_SERVING_ENVIRONMENT", used_by)
     monkeypatch.setenv(flag.name, "true")
     assert flag.get() is True, f"{flag.name} no longer reads the environment; used by {used_by}"
@@ -146,7 +146,7 @@ def test_serving_environment_flag_is_set_by_the_scoring_server(
 def test_error_codes_map_to_the_http_statuses_serving_promises() -> None:
     from mlflow.exceptions import MlflowException
 
-    used_by = "pipelines/serving.py (400 for bad input, 504 past the deadline)"
+    used_by = "pipelines/serving/pyfunc.py (400 for bad input, 504 past the deadline)"
     for name, status in (("INVALID_PARAMETER_VALUE", 400), ("DEADLINE_EXCEEDED", 504)):
         code = _hook("mlflow.protos.databricks_pb2", name, used_by)
         got = MlflowException("x", error_code=code).get_http_status_code()

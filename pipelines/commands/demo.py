@@ -12,6 +12,10 @@ import os
 import time
 from pathlib import Path
 
+from data.storage import StorageError
+from pipelines.config import ConfigError, load_config
+from pipelines.train.cli import summary
+
 DEMO_CONFIG = "configs/demo.yaml"
 # The synthetic scenes: small enough to train on two CPU cores, big enough to show shapes.
 SHARD_OPTIONS = {"num_train": 512, "num_val": 64, "size": (64, 64), "num_classes": 7, "seed": 0}
@@ -30,20 +34,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from pipelines.config import ConfigError
-
     try:
         run_demo(args.overrides)
-    except ConfigError as error:
+    except (ConfigError, StorageError) as error:
         print(f"segnext demo: configuration error: {error}")
         return 2
     return 0
 
 
 def run_demo(overrides: list[str] | None = None) -> None:
-    from pipelines.config import load_config
+    # Ray, torch and MLflow (~3 s) only when the demo runs: `segnext --help` imports this module
+    from pipelines.cluster import init_ray
     from pipelines.tracking.runs import project_root, resolve_tracking_uri
-    from pipelines.train.driver import summary, train
+    from pipelines.train.driver import train
 
     started = time.perf_counter()
     root = project_root()
@@ -59,7 +62,9 @@ def run_demo(overrides: list[str] | None = None) -> None:
         ],
     )
     ensure_shards(shards)
-    _start_local_ray(cfg.ray.num_workers)
+    cpus = max(cfg.ray.num_workers, os.cpu_count() or 1)
+    init_ray("local", num_cpus=cpus)  # a fresh single-node Ray in this process, never another's
+    print(f"[segnext] local Ray with {cpus} CPUs")
     result = train(cfg, config_name="demo")
     minutes = (time.perf_counter() - started) / 60
     print()
@@ -72,7 +77,7 @@ def run_demo(overrides: list[str] | None = None) -> None:
 
 def ensure_shards(out: Path) -> None:
     """Write the synthetic shards unless a complete set is already there."""
-    from data.shards import write_shards
+    from data.shard_writer import write_shards
     from data.sources import Synthetic
 
     if (out / "dataset.json").is_file():
@@ -82,12 +87,3 @@ def ensure_shards(out: Path) -> None:
     options["size"] = tuple(options["size"])
     summary = write_shards(Synthetic(**options), out, workers=min(2, os.cpu_count() or 1))
     print(f"[segnext] wrote {summary.line()}")
-
-
-def _start_local_ray(num_workers: int) -> None:
-    """A fresh single-node Ray in this process (never a cluster someone else started here)."""
-    from pipelines.cluster import init_ray
-
-    cpus = max(num_workers, os.cpu_count() or 1)
-    init_ray("local", num_cpus=cpus)
-    print(f"[segnext] local Ray with {cpus} CPUs")

@@ -1,14 +1,15 @@
 """`segnext eval`: score a model on a shard split at each image's original resolution.
 
-Every sample is predicted at its own size by `pipelines.inference.segmenter.Segmenter` (the code the served
-model runs, so the score is the score of what is served) and counted in a
+Every sample is predicted at its own size by `pipelines.inference.segmenter.Segmenter` (the
+code the served model runs, so the score is the score of what is served) and counted in a
 `segnext.metrics.ConfusionMatrix`. Small splits run in this process; large ones (auto: more
 than `RAY_ABOVE` samples) run as Ray Data batch inference: `map_batches` over actors that each
 hold the model and return one confusion matrix per batch, summed by the driver. Both paths
 decode, validate and predict the samples with the same functions, so they give the same matrix.
 
 Results (mIoU, aAcc, mAcc, per-class IoU, most confused pairs, confusion-matrix picture) are
-printed and logged to MLflow: a new run by default, or the model's own run.
+printed and logged to MLflow (`pipelines.tracking.evaluation`): a new run by default, or the
+model's own run.
 """
 
 from __future__ import annotations
@@ -23,13 +24,21 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipelines.metric_names import class_iou_metric
+from data.manifest import load_manifest
+from data.storage import endpoint_env
+from pipelines.cluster import init_ray
+from pipelines.tracking.registry import tracking_env, use_tracking_uri
 
 if TYPE_CHECKING:
+    from data.manifest import Manifest
     from data.samples import SamplePipeline
-    from data.shards import Manifest
     from data.stream import OnError, SkipTally
     from pipelines.inference.segmenter import Segmenter
+
+# Imported inside the functions below, not here: torch, Ray, MLflow and what imports them
+# (pipelines.inference.scoring, pipelines.tracking.models / .evaluation, segnext.metrics),
+# about 1.5-2 s each of CPU at import, measured after `segnext --help`'s own imports, which
+# include this module (pipelines.cli.SUBCOMMAND_MODULES).
 
 RAY_ABOVE = 500  # --distributed auto: Ray Data batch inference for splits larger than this
 TOP_CONFUSED = 5
@@ -37,7 +46,8 @@ TOP_CONFUSED = 5
 
 @dataclass(frozen=True)
 class EvalOptions:
-    """Test-time settings; None keeps what the training run recorded (see pipelines.inference.segmenter)."""
+    """Test-time settings; None keeps what the training run recorded (see
+    pipelines.inference.segmenter)."""
 
     mode: str | None = None
     crop_size: tuple[int, int] | None = None
@@ -76,7 +86,7 @@ def evaluate_local(
     progress: bool = True,
 ) -> tuple[np.ndarray, SkipTally]:
     """The split's confusion matrix computed in this process, and what was skipped."""
-    from pipelines.inference.scoring import score_split
+    from pipelines.inference.scoring import score_split  # Ray (data.stream): see above
 
     scored, skipped = score_split(segmenter, manifest, split, on_error=on_error,
                                   progress=progress)
@@ -89,7 +99,7 @@ class BatchScorer:
     def __init__(
         self, model: str, options: EvalOptions, pipeline: SamplePipeline, on_error: OnError
     ) -> None:
-        from pipelines.inference.segmenter import load_segmenter
+        from pipelines.tracking.models import load_segmenter  # torch, MLflow: see above
 
         self.segmenter = load_segmenter(model, **options.overrides())
         self.pipeline, self.on_error = pipeline, on_error
@@ -176,10 +186,10 @@ def evaluate(
     on_error: OnError = "raise",
 ) -> EvalResult:
     """Score `model` (checkpoint or MLflow model reference) on `data` (shards root)."""
-    import torch
+    import torch  # torch, MLflow: see above
 
-    from data.shards import load_manifest
-    from pipelines.inference.segmenter import Segmenter, load_source, resolve_model
+    from pipelines.inference.segmenter import Segmenter
+    from pipelines.tracking.models import load_source, resolve_model
     from segnext.metrics import ConfusionMatrix
 
     options = options or EvalOptions()
@@ -197,8 +207,6 @@ def evaluate(
         key: value for key, value in vars(segmenter.settings).items() if key not in ("mean", "std")
     }
     if use_ray:
-        from pipelines.cluster import init_ray
-
         init_ray(None, env=_worker_env())
         matrix, skipped = evaluate_ray(
             model,
@@ -225,11 +233,7 @@ def evaluate(
 def _worker_env() -> dict[str, str]:
     """Ray workers need this process's tracking store to resolve models:/ URIs, and its S3
     endpoint to read shards and checkpoints."""
-    import mlflow
-
-    from data.fs import endpoint_env
-
-    return {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), **endpoint_env()}
+    return {**tracking_env(), **endpoint_env()}
 
 
 def _check_classes(names: list[str], manifest: Manifest, model: str, data: str) -> None:
@@ -274,73 +278,6 @@ def format_report(result: EvalResult, split: str) -> str:
                 f"({pair['pixels']} px)"
             )
     return "\n".join(lines)
-
-
-def log_to_mlflow(
-    result: EvalResult,
-    *,
-    model: str,
-    data: str,
-    split: str,
-    target: str,
-    experiment: str,
-    tracking_uri: str | None = None,
-) -> str:
-    """Log the scores into a new run (`target="new"`) or the model's run (`"model"`); returns
-    the run id. Metric keys are `eval/<split>/...`."""
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric
-
-    from pipelines.tracking import runs as tracking
-
-    uri = tracking.resolve_tracking_uri(tracking_uri)
-    client = MlflowClient(uri)
-    source_run = result.model_run_id
-    if target == "model":
-        if source_run is None:
-            raise ValueError(
-                f"{model} is a bare checkpoint with no MLflow run; use --log-to new or pass a "
-                "registered model (models:/segnext@champion)"
-            )
-        run_id = source_run
-    else:
-        experiment_id = tracking.ensure_experiment(uri, experiment)
-        tags = {"segnext.eval.model": model, "segnext.eval.data": data, "segnext.eval.split": split}
-        if source_run:
-            tags["segnext.eval.model_run"] = source_run
-        run_id = client.create_run(experiment_id, run_name=f"eval-{split}", tags=tags).info.run_id
-    prefix = f"eval/{split}"
-    scores = result.scores
-    values = {f"{prefix}/{key}": scores[key] for key in ("mIoU", "aAcc", "mAcc")}
-    for name, iou in zip(result.class_names, scores["per_class_iou"], strict=True):
-        values[class_iou_metric(name, prefix)] = iou
-    values[f"{prefix}/skipped_samples"] = result.skipped["count"]
-    metrics = [Metric(key, float(v), 0, 0) for key, v in values.items() if not math.isnan(v)]
-    client.log_batch(run_id, metrics=metrics)
-    figures = (
-        (tracking.confusion_matrix_figure(result.matrix, result.class_names), "confusion_matrix"),
-        (tracking.per_class_iou_figure(scores["per_class_iou"], result.class_names), "iou"),
-    )
-    for figure, name in figures:
-        client.log_figure(run_id, figure, f"{prefix}/{name}.png")
-    client.log_dict(
-        run_id,
-        {
-            "model": model,
-            "data": data,
-            "split": split,
-            "num_samples": result.num_samples,
-            "settings": result.settings,
-            "skipped": result.skipped,
-            "scores": scores,
-            "class_names": result.class_names,
-            "confusion_matrix": result.matrix.tolist(),
-        },
-        f"{prefix}/metrics.json",
-    )
-    if target == "new":
-        client.set_terminated(run_id)
-    return run_id
 
 
 # ---------------------------------------------------------------------------------- command
@@ -392,11 +329,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
-    import mlflow
-
-    from pipelines.tracking.runs import resolve_tracking_uri
-
-    mlflow.set_tracking_uri(resolve_tracking_uri(args.tracking_uri))  # for models:/ references
+    uri = use_tracking_uri(args.tracking_uri)  # for models:/ references
     options = EvalOptions(
         mode=args.mode,
         crop_size=tuple(args.crop) if args.crop else None,
@@ -419,7 +352,9 @@ def _main(args: argparse.Namespace) -> int:
         with open(args.json, "w") as handle:
             json.dump({"scores": result.scores, "matrix": result.matrix.tolist()}, handle)
     if args.log_to != "none":
-        run_id = log_to_mlflow(
+        from pipelines.tracking.evaluation import log_evaluation  # MLflow: see above
+
+        run_id = log_evaluation(
             result,
             model=args.model,
             data=args.data,
@@ -428,7 +363,6 @@ def _main(args: argparse.Namespace) -> int:
             experiment=args.experiment,
             tracking_uri=args.tracking_uri,
         )
-        uri = resolve_tracking_uri(args.tracking_uri)
         print(f"logged to MLflow run {run_id} (mlflow ui --backend-store-uri {uri})")
     print(f"next: segnext predict --model {args.model} --input IMAGES --out runs/predictions")
     return 0

@@ -16,7 +16,8 @@ first validation image of the run's shards) next to PyTorch; the max abs score d
 the argmax agreement are printed, and below `--min-agreement` (99.9%) nothing is written.
 Everything the runtime needs (class names, palette, normalisation, eval settings) goes into the
 file's metadata (`pipelines.inference.onnx_runtime.METADATA_KEY`). With `--register` the file is added
-to the registered model version it came from (`pipelines.tracking.registry.attach_onnx`).
+to the registered model version it came from (`pipelines.tracking.registry.attach_onnx`); MLflow
+is reached through `pipelines.tracking` only.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import dataclasses
 import io
 import json
 import os
-import re
 import tarfile
 import tempfile
 import warnings
@@ -36,18 +36,29 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from PIL import Image
 
+from data.manifest import load_manifest
+from data.storage import resolve_filesystem
+from data.transforms import rescaled_size
+from pipelines.commands.predict import read_rgb
+from pipelines.meta import payload_meta
 from pipelines.metric_names import SCORE
+from pipelines.tracking.registry import attach_onnx, registered_version, use_tracking_uri
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
     import torch
 
+# Imported inside the functions below, not here: torch, onnx and onnxruntime and what imports
+# them (pipelines.checkpoint_io, pipelines.inference.*, pipelines.tracking.models): 0.05-2 s
+# each of CPU at import, measured after `segnext --help`'s own imports, which include this
+# module (pipelines.cli.SUBCOMMAND_MODULES).
+
 DEFAULT_OPSET = 17
 MIN_AGREEMENT = 0.999
 INPUT_NAME, OUTPUT_NAME = "image", "scores"
-MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/]+)|@(?P<alias>[^/]+))$")
 
 
 class ExportError(RuntimeError):
@@ -90,12 +101,8 @@ def export_onnx(
 
     from pipelines.checkpoint_io import model_from_checkpoint
     from pipelines.inference.onnx_runtime import METADATA_KEY, OnnxSegmenter
-    from pipelines.inference.segmenter import (
-        SIZE_DIVISOR,
-        SLIDE_ABOVE_CROPS,
-        load_source,
-        resolve_model,
-    )
+    from pipelines.inference.segmenter import SIZE_DIVISOR, SLIDE_ABOVE_CROPS
+    from pipelines.tracking.models import load_source, resolve_model
 
     out = Path(out)
     if out.suffix.lower() != ".onnx":
@@ -211,7 +218,6 @@ def _metadata(
 
     from pipelines.inference.onnx_runtime import FORMAT
     from pipelines.inference.segmenter import settings_from_checkpoint
-    from pipelines.meta import payload_meta
 
     settings = dataclasses.asdict(settings_from_checkpoint(payload))
     settings.update(size_divisor=size_divisor, slide_above_crops=slide_above_crops)
@@ -236,7 +242,6 @@ def _metadata(
 def _network_input(runtime: Any, picture: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
     """The verification image as the network sees it: normalised, at the export size (fixed)
     or at the runtime's test size padded to the encoder stride (dynamic)."""
-    from data.transforms import rescaled_size
     from pipelines.inference.onnx_runtime import resize_bilinear
 
     x = runtime.normalise(picture[None])
@@ -251,8 +256,6 @@ def _network_input(runtime: Any, picture: np.ndarray, size: tuple[int, int] | No
 
 def _verification_image(image: str | Path | None, payload: dict[str, Any]) -> tuple[Any, str]:
     """(RGB uint8 array, its name): `image`, else the first validation image of the shards."""
-    from pipelines.commands.predict import read_rgb
-
     if image is not None:
         path = Path(image)
         if not path.is_file():
@@ -270,10 +273,6 @@ def _verification_image(image: str | Path | None, payload: dict[str, Any]) -> tu
 
 
 def _first_shard_image(root: str, split: str) -> tuple[np.ndarray, str] | None:
-    from PIL import Image
-
-    from data.shards import load_manifest, resolve_filesystem
-
     try:
         urls = load_manifest(root).shard_urls(split)
         filesystem, path = resolve_filesystem(urls[0])
@@ -291,24 +290,6 @@ def _first_shard_image(root: str, split: str) -> tuple[np.ndarray, str] | None:
 
 
 # ---------------------------------------------------------------------------------- command
-
-
-def registered_version(client: Any, uri: str) -> tuple[str, str]:
-    """(name, version) of `models:/NAME/VERSION`, `models:/NAME@ALIAS` or `models:/NAME/latest`."""
-    match = MODEL_URI.match(uri)
-    if match is None:
-        raise ExportError(
-            f"--register needs --model models:/NAME/VERSION or models:/NAME@ALIAS, got {uri}"
-        )
-    name, version, alias = match["name"], match["version"], match["alias"]
-    if alias is not None:
-        return name, str(client.get_model_version_by_alias(name, alias).version)
-    if version == "latest":
-        versions = client.search_model_versions(f"name = '{name}'")
-        if not versions:
-            raise ExportError(f"{uri}: registered model {name!r} has no versions")
-        return name, str(max(int(v.version) for v in versions))
-    return name, str(client.get_model_version(name, version).version)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -342,16 +323,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
-    import mlflow
-    from mlflow import MlflowClient
-
-    from pipelines.tracking.runs import resolve_tracking_uri
-
     if (args.height is None) != (args.width is None) or (args.dynamic and args.width):
         raise ExportError("pass --height H --width W together (a fixed size), or --dynamic")
-    uri = resolve_tracking_uri(args.tracking_uri)
-    mlflow.set_tracking_uri(uri)  # for models:/ references
-    target = registered_version(MlflowClient(uri), args.model) if args.register else None
+    uri = use_tracking_uri(args.tracking_uri)  # for models:/ references
+    target = registered_version(args.model, tracking_uri=uri) if args.register else None
     size = None if args.height is None else (args.height, args.width)
     report = export_onnx(  # an ExportError becomes `segnext export: error: ...` (pipelines.cli)
         args.model,
@@ -363,8 +338,6 @@ def _main(args: argparse.Namespace) -> int:
     )
     print("\n".join(report.lines()))
     if target is not None:
-        from pipelines.tracking.registry import attach_onnx
-
         version = attach_onnx(report.path, registry_name=target[0], version=target[1],
                               tracking_uri=uri)
         print(f"added to {target[0]} v{target[1]}: {version.tags['onnx']}")

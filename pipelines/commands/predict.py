@@ -9,8 +9,10 @@ MLflow model (`models:/segnext@champion`): class names and palette come with it.
 
 An image that cannot be read (corrupt, truncated, unsupported pixel format) is reported on one
 line and skipped; the others are still written, and the command ends with a summary and exit
-code 2. 16-bit, palette, grayscale, RGBA and CMYK images are converted by `pipelines.inference.images`.
-Torch (or onnxruntime) runs with as many threads as the process has cores (`pipelines.inference.threads`).
+code 2. 16-bit, palette, grayscale, RGBA and CMYK images are converted by
+`pipelines.inference.images`. Torch (or onnxruntime) runs with as many threads as the process has
+cores (`pipelines.inference.threads`). Model references are resolved by `pipelines.tracking`
+(`models:/...` needs MLflow; a `.onnx` file, local or an artifact URI, loads no torch).
 """
 
 from __future__ import annotations
@@ -26,9 +28,12 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from data.transforms import rescaled_size  # numpy + PIL only: the ONNX path imports no torch
 from pipelines.inference.images import UnsupportedImageError, picture_to_rgb
+from pipelines.inference.threads import inference_threads, set_torch_threads
+from pipelines.tracking.registry import fetch_onnx, use_tracking_uri  # MLflow: on use only
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MAX_PALETTE_CLASSES = 256
@@ -151,19 +156,17 @@ def predict_files(
     """Segment every input image, write its mask and overlay to `out`. An image that cannot
     be read is reported on stderr and skipped; the others are still written. `threads`: CPU
     threads (default: the cores this process may use, see `pipelines.inference.threads`)."""
-    from tqdm import tqdm
-
-    from pipelines.inference.threads import inference_threads
-
     files = list_images(inputs)
     threads = inference_threads(threads)
+    # The runtimes are imported here, not at module level: `segnext --help` imports this module
+    # (pipelines.cli.SUBCOMMAND_MODULES), and torch + MLflow cost about 3 s of CPU at import,
+    # onnxruntime 0.05 s (measured after `segnext --help`'s own imports).
     if str(model).lower().endswith(".onnx"):  # numpy + onnxruntime only: no torch import
-        from pipelines.inference.onnx_runtime import load_onnx_segmenter
+        from pipelines.inference.onnx_runtime import OnnxSegmenter
 
-        segmenter = load_onnx_segmenter(model, threads=threads, **overrides)
+        segmenter = OnnxSegmenter(fetch_onnx(model), threads=threads, **overrides)
     else:
-        from pipelines.inference.segmenter import load_segmenter
-        from pipelines.inference.threads import set_torch_threads
+        from pipelines.tracking.models import load_segmenter
 
         set_torch_threads(threads)
         segmenter = load_segmenter(model, **overrides)
@@ -239,11 +242,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
-    import mlflow
-
-    from pipelines.tracking.runs import resolve_tracking_uri
-
-    mlflow.set_tracking_uri(resolve_tracking_uri(args.tracking_uri))  # for models:/ references
+    use_tracking_uri(args.tracking_uri)  # for models:/ references
     report = predict_files(
         args.model,
         args.input,

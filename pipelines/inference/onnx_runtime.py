@@ -1,10 +1,13 @@
 """Run an exported SegNeXt (`segnext export`) with numpy + onnxruntime only: no torch import.
 
-`OnnxSegmenter` is the counterpart of `pipelines.inference.segmenter.Segmenter` for a `.onnx` file: the same
-normalisation, test resize, padding to the encoder's stride, whole-image or sliding-window
-inference (chosen per image by its size unless forced), optional multi-scale + flip, and the
-resize of the scores back to the input size, with the settings the export wrote into the file's
+`OnnxSegmenter` is the counterpart of `pipelines.inference.segmenter.Segmenter` for a `.onnx`
+file: the same normalisation, test resize, padding to the encoder's stride, whole-image or
+sliding-window inference (chosen per image by its size unless forced; the windows of
+`segnext.windows`, shared with the torch runtime), optional multi-scale + flip, and the resize
+of the scores back to the input size, with the settings the export wrote into the file's
 metadata (`METADATA_KEY`, a JSON object: class names, palette, normalisation, eval settings).
+A `.onnx` artifact URI (`models:/segnext/3/model.onnx`) is fetched by
+`pipelines.tracking.registry.fetch_onnx`: this module imports neither torch nor MLflow.
 Bilinear resizes reproduce `torch.nn.functional.interpolate(mode="bilinear",
 align_corners=False)`, so masks match the PyTorch model's to floating-point noise.
 
@@ -27,6 +30,7 @@ import onnxruntime as ort
 from data.transforms import rescaled_size  # numpy + PIL only
 from pipelines.inference.images import same_size_batches  # numpy + PIL only
 from pipelines.meta import MetaError, ModelMeta  # standard library only
+from segnext.windows import window_boxes  # standard library only (no torch)
 
 METADATA_KEY = "segnext"  # ONNX metadata_props key holding the JSON below
 FORMAT = "segnext-onnx/1"
@@ -175,25 +179,20 @@ class OnnxSegmenter:
         return self._slide(x) if mode == "slide" else self.network(x)
 
     def _slide(self, x: np.ndarray) -> np.ndarray:
-        """Average of overlapping windows (segnext.inference.slide_logits, the same grid)."""
-        (h_crop, w_crop), (h_stride, w_stride) = self.settings.crop_size, self.settings.stride
+        """Average of overlapping windows: segnext.inference.slide_logits's, over the same
+        grid (`segnext.windows.window_boxes`)."""
+        (h_crop, w_crop), stride = self.settings.crop_size, self.settings.stride
         batch, _, height, width = x.shape
-        h_grids = max(height - h_crop + h_stride - 1, 0) // h_stride + 1
-        w_grids = max(width - w_crop + w_stride - 1, 0) // w_stride + 1
         summed: np.ndarray | None = None
         count = np.zeros((1, 1, height, width), dtype=np.float32)
-        for h_idx in range(h_grids):
-            for w_idx in range(w_grids):
-                y2 = min(h_idx * h_stride + h_crop, height)
-                x2 = min(w_idx * w_stride + w_crop, width)
-                y1, x1 = max(y2 - h_crop, 0), max(x2 - w_crop, 0)
-                crop = x[:, :, y1:y2, x1:x2]
-                pad = ((0, 0), (0, 0), (0, h_crop - crop.shape[-2]), (0, w_crop - crop.shape[-1]))
-                scores = self.network(np.pad(crop, pad))[:, :, : y2 - y1, : x2 - x1]
-                if summed is None:
-                    summed = np.zeros((batch, scores.shape[1], height, width), dtype=np.float32)
-                summed[:, :, y1:y2, x1:x2] += scores
-                count[:, :, y1:y2, x1:x2] += 1
+        for y1, x1, y2, x2 in window_boxes(height, width, (h_crop, w_crop), stride):
+            crop = x[:, :, y1:y2, x1:x2]
+            pad = ((0, 0), (0, 0), (0, h_crop - crop.shape[-2]), (0, w_crop - crop.shape[-1]))
+            scores = self.network(np.pad(crop, pad))[:, :, : y2 - y1, : x2 - x1]
+            if summed is None:
+                summed = np.zeros((batch, scores.shape[1], height, width), dtype=np.float32)
+            summed[:, :, y1:y2, x1:x2] += scores
+            count[:, :, y1:y2, x1:x2] += 1
         return summed / count
 
     def _tta(self, x: np.ndarray, mode: str) -> np.ndarray:
@@ -314,15 +313,3 @@ def model_meta(path: Path, metadata: dict[str, Any]) -> ModelMeta:
         return ModelMeta.from_dict(raw, source=str(path))
     except MetaError as error:
         raise OnnxModelError(f"{error} (in its {METADATA_KEY!r} metadata)") from None
-
-
-def load_onnx_segmenter(model: str | Path, **overrides: Any) -> OnnxSegmenter:
-    """An OnnxSegmenter for a local `.onnx` file or an MLflow artifact URI ending in `.onnx`
-    (`models:/segnext/3/model.onnx`, downloaded first; needs mlflow, which imports no torch)."""
-    text = str(model)
-    if ":/" in text and not Path(text).exists():
-        import mlflow.artifacts
-
-        text = mlflow.artifacts.download_artifacts(text)
-    return OnnxSegmenter(text, **overrides)
-

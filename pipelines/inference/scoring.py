@@ -7,7 +7,7 @@ untouched mask. So the validation mIoU that picks `best` and `@champion` during 
 number `segnext eval` prints for that checkpoint and split, to float rounding.
 
 Samples are read straight from the shards (local, `s3://`, `gs://`) through the manifest's
-pyarrow filesystem with the project's one tar reader (`data.shards.iter_tar_samples`); `rank`/`world` give each training worker
+pyarrow filesystem with the project's one tar reader (`data.manifest.iter_tar_samples`); `rank`/`world` give each training worker
 every `world`-th sample, so the workers' matrices sum to the split's matrix exactly once.
 """
 
@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from data.manifest import Manifest, iter_tar_samples, tar_error_text
 from data.sample_index import checked_shards
 from data.samples import FIX_HINT, SamplePipeline, SampleReadError
-from data.shards import Manifest
 from data.stream import OnError, SkipTally
 
 if TYPE_CHECKING:
@@ -62,8 +62,6 @@ def iter_raw_samples(
     Shards are checked against the manifest first (missing or truncated: named error, or
     skipped and counted in `skipped`); a tar that fails or ends early while read is the same.
     """
-    from data.shards import iter_tar_samples, tar_error_text
-
     members = (f"image.{manifest.image_format}", "mask.png")
     record = None
     if skipped is not None:  # a skipped shard is counted once, by rank 0, not once per rank

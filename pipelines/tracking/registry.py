@@ -19,16 +19,25 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import io
 import json
 import math
 import os
+import re
+import shutil
 import tempfile
 from contextlib import contextmanager, redirect_stderr
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+from PIL import Image
+
+from data import storage as run_storage
+from data.manifest import load_manifest
+from pipelines.console import current_log, log_only
 from pipelines.meta import payload_meta
 from pipelines.metric_names import SCORE  # the checkpoint metric the champion is chosen by
 
@@ -37,9 +46,15 @@ if TYPE_CHECKING:
 
     from mlflow.entities.model_registry import ModelVersion
 
+# Imported inside the functions below, not here: MLflow (about 1.7 s of CPU at import, measured
+# after `segnext --help`'s own imports, which include this module through
+# pipelines.cli.SUBCOMMAND_MODULES), pipelines.tracking.runs (MLflow + matplotlib, 1.9 s),
+# pipelines.checkpoint_io (torch, 1.6 s) and pandas (0.4 s).
+
 CHAMPION = "champion"
 MODEL_NAME = "model"  # the logged model's name within the run
 PYFUNC_FORMAT = "segnext-pyfunc/1"
+MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/]+)|@(?P<alias>[^/]+))$")
 ENTRY_POINT = '''"""Pyfunc entry point of a SegNeXt model (written by pipelines.tracking.registry)."""
 import mlflow
 
@@ -54,8 +69,6 @@ def _mlflow_chatter_to_log() -> Iterator[None]:
     """MLflow prints "Registered model ... already exists" / "Created version" lines and a
     download progress bar to stderr; under the quiet console they belong in the log file (our
     own summary line names the version)."""
-    from pipelines.console import current_log, log_only
-
     if current_log() is None:
         yield
         return
@@ -83,7 +96,7 @@ def register_checkpoint(
     `champion` moves to it when its val mIoU beats the current champion's (or there is no
     champion yet). Returns the version.
     """
-    from pipelines.storage import local_checkpoint
+    from pipelines.checkpoint_io import local_checkpoint
 
     with local_checkpoint(checkpoint_path) as local:
         return _register_local(local, run_id=run_id, registry_name=registry_name,
@@ -172,6 +185,26 @@ def using_tracking_uri(uri: str) -> Iterator[None]:
             os.environ["MLFLOW_TRACKING_URI"] = env
 
 
+def use_tracking_uri(configured: str | None = None) -> str:
+    """MLflow's fluent API (models:/ and runs:/ references, artifact downloads) on the
+    configured store (`resolve_tracking_uri`) for the rest of this process; returns its URI."""
+    import mlflow
+
+    from pipelines.tracking.runs import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(configured)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def tracking_env() -> dict[str, str]:
+    """$MLFLOW_TRACKING_URI for Ray workers: the store this process resolves models:/ URIs
+    against, so that theirs resolve to the same models."""
+    import mlflow
+
+    return {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
+
+
 @contextmanager
 def _in_run(client: Any, run_id: str) -> Iterator[None]:
     """Make `run_id` the active run, leaving its status as it was (it may still be training)."""
@@ -190,7 +223,7 @@ def _in_run(client: Any, run_id: str) -> Iterator[None]:
 
 def _signature() -> Any:
     """Outputs and the serving form only: an input schema would make MLflow reject the array
-    and list inputs before the model sees them (pipelines.inference.segmenter documents all forms)."""
+    and list inputs before the model sees them (pipelines.serving.payload documents all forms)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
@@ -204,9 +237,7 @@ def _signature() -> Any:
 
 def _input_example() -> Any:
     """One small PNG, base64 in an "image" column: the request `mlflow models serve` takes."""
-    import numpy as np
     import pandas as pd
-    from PIL import Image
 
     ramp = np.linspace(0, 255, 48, dtype=np.uint8)
     image = np.stack([np.tile(ramp, (32, 1))] * 3, axis=-1)
@@ -259,8 +290,6 @@ def _dataset(config: dict[str, Any]) -> str:
     if not root:
         return "unknown"
     try:
-        from data.shards import load_manifest
-
         return load_manifest(root).name
     except Exception:  # the tag is informative only; the root still names the data
         return root
@@ -324,9 +353,6 @@ def attach_onnx(
     """Add an exported ONNX file (`segnext export --register`) to a registered version's model
     folder, beside its MLmodel, so `models:/NAME/VERSION` holds both flavours and
     `models:/NAME/VERSION/model.onnx` the ONNX one; tags `onnx` (that URI) and `onnx_sha256`."""
-    import hashlib
-    import shutil
-
     from mlflow import MlflowClient
 
     from pipelines.tracking.runs import resolve_tracking_uri
@@ -354,6 +380,42 @@ def attach_onnx(
     return client.get_model_version(registry_name, model_version.version)
 
 
+def fetch_onnx(model: str | Path) -> str:
+    """A local path for an ONNX reference: a local `.onnx` file as it is, an MLflow artifact
+    URI (`models:/segnext/3/model.onnx`, what `attach_onnx` tags) downloaded first. MLflow
+    imports no torch, so the ONNX path of `segnext predict` stays torch-free."""
+    text = str(model)
+    if ":/" in text and not Path(text).exists():
+        import mlflow.artifacts
+
+        text = mlflow.artifacts.download_artifacts(text)
+    return text
+
+
+def registered_version(reference: str, *, tracking_uri: str | None = None) -> tuple[str, str]:
+    """(name, version) of `models:/NAME/VERSION`, `models:/NAME@ALIAS` or `models:/NAME/latest`
+    (ValueError for any other reference, or a name without versions)."""
+    from mlflow import MlflowClient
+
+    from pipelines.tracking.runs import resolve_tracking_uri
+
+    match = MODEL_URI.match(reference)
+    if match is None:
+        raise ValueError(
+            f"--register needs --model models:/NAME/VERSION or models:/NAME@ALIAS, got {reference}"
+        )
+    client = MlflowClient(resolve_tracking_uri(tracking_uri))
+    name, version, alias = match["name"], match["version"], match["alias"]
+    if alias is not None:
+        return name, str(client.get_model_version_by_alias(name, alias).version)
+    if version == "latest":
+        versions = client.search_model_versions(f"name = '{name}'")
+        if not versions:
+            raise ValueError(f"{reference}: registered model {name!r} has no versions")
+        return name, str(max(int(v.version) for v in versions))
+    return name, str(client.get_model_version(name, version).version)
+
+
 # ---------------------------------------------------------------------------------- command
 
 
@@ -365,8 +427,7 @@ def find_run_checkpoint(run: Any, which: str) -> str:
     exists; otherwise the Ray checkpoint folders `<run.storage_path>/<Ray run name>/checkpoint_*`
     are searched.
     """
-    from pipelines import storage as run_storage
-    from pipelines.checkpoint_io import CHECKPOINT_FILE, load_checkpoint
+    from pipelines.checkpoint_io import CHECKPOINT_FILE, checkpoint_files, load_checkpoint
     from pipelines.tracking.runs import RUN_NAME_TAG, project_root
 
     tagged = run.data.tags.get("best_checkpoint")
@@ -389,7 +450,7 @@ def find_run_checkpoint(run: Any, which: str) -> str:
     )
     files = []
     for base in candidates:
-        files = run_storage.checkpoint_files(run_storage.join(base, name))
+        files = checkpoint_files(run_storage.join(base, name))
         if files:
             break
     if not files:

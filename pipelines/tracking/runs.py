@@ -35,7 +35,7 @@ OUTCOME_HEADING = "\n### "  # the outcome's section: replaced when a resumed run
 
 def project_root() -> Path:
     """The source checkout (for an editable install) or else the current folder."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]  # pipelines/tracking/runs.py -> the checkout
     return root if (root / "pyproject.toml").is_file() else Path.cwd()
 
 

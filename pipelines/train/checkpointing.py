@@ -15,6 +15,7 @@ from typing import Any
 
 import ray.train
 import torch
+from pyarrow import fs as pafs
 from torch import nn
 
 from data.plan import PLAN_VERSION, BatchPlan
@@ -108,7 +109,6 @@ def read_checkpoint(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
     A remote checkpoint is downloaded into a folder of this worker's own: with
     `as_directory()` the workers of one node share one temporary download folder, and a rank
     could read `checkpoint.pt` while another was still writing it (seen on S3: "truncated")."""
-    from pyarrow import fs as pafs
 
     if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
         with checkpoint.as_directory() as folder:

@@ -1,4 +1,8 @@
-"""Start a run from the weights of a checkpoint of this project (`model.init_from`).
+"""A run's initial weights: official pretrained weights and/or a checkpoint of this project.
+
+`model.pretrained` (official SegNeXt / ImageNet files) and `model.init_from` (a checkpoint of
+this project) are both applied by `apply_initial_weights`, the one path a worker's fresh
+model gets its starting weights through (a restored run takes its own checkpoint instead).
 
 `model.init_part` says what is taken: `model` (every tensor: same variant, classifier and
 number of classes) or `encoder` (the MSCAN backbone only: any classes, the decoder starts
@@ -21,7 +25,12 @@ from typing import Any
 
 from torch import nn
 
-from pipelines.config import ConfigError
+import segnext
+from data import storage
+from pipelines.checkpoint_io import CheckpointError, load_checkpoint
+from pipelines.config import ConfigError, ModelConfig
+from pipelines.tracking.models import ModelNotRegistered, registered_checkpoint_file
+from pipelines.tracking.runs import resolve_tracking_uri
 
 ENCODER_PREFIX = "backbone."
 FOLDER = "warm-start"  # under run.storage_path: registered checkpoints copied for the workers
@@ -33,8 +42,6 @@ class WarmStartMissing(ConfigError):
 
 def resolve_source(source: str, *, tracking_uri: str | None, storage_path: str) -> str:
     """A path or URI every worker can read for `source`; WarmStartMissing when it is not there."""
-    from pipelines import storage
-
     if source.startswith("models:/"):
         return _registered_checkpoint(source, tracking_uri, storage_path)
     if storage.is_remote(source):
@@ -51,27 +58,13 @@ def resolve_source(source: str, *, tracking_uri: str | None, storage_path: str) 
 
 
 def _registered_checkpoint(source: str, tracking_uri: str | None, storage_path: str) -> str:
-    from mlflow.exceptions import MlflowException
-
-    from pipelines import storage
-    from pipelines.inference.segmenter import resolve_model
-    from pipelines.tracking.registry import using_tracking_uri
-    from pipelines.tracking.runs import resolve_tracking_uri
-
     uri = resolve_tracking_uri(tracking_uri)
     try:
-        with using_tracking_uri(uri):
-            local = Path(resolve_model(source).checkpoint)
-    except MlflowException as error:
-        alias_missing = "alias" in error.message and "not found" in error.message
-        if error.error_code == "RESOURCE_DOES_NOT_EXIST" or alias_missing:
-            raise WarmStartMissing(
-                f"model.init_from {source}: not in the registry of {uri} ({error.message})"
-            ) from None
-        raise ConfigError(f"model.init_from {source}: {error.message}") from None
-    except ValueError as error:  # an MLflow model not logged by `segnext register`
+        file = registered_checkpoint_file(source, uri)
+    except ModelNotRegistered as error:
+        raise WarmStartMissing(f"model.init_from {source}: {error}") from None
+    except ValueError as error:  # refused by MLflow, or a model not logged by `segnext register`
         raise ConfigError(f"model.init_from {source}: {error}") from None
-    file = local / "checkpoint.pt" if local.is_dir() else local
     digest = hashlib.sha256(file.read_bytes()).hexdigest()[:16]
     target = storage.join(storage_path, FOLDER, digest, "checkpoint.pt")
     if storage.is_remote(target):
@@ -88,8 +81,6 @@ def _registered_checkpoint(source: str, tracking_uri: str | None, storage_path: 
 
 def check_source(source: str, part: str, model: nn.Module) -> None:
     """Load `source` into the driver's dry-built `model`: a ConfigError names what differs."""
-    from pipelines.checkpoint_io import CheckpointError, load_checkpoint
-
     try:
         payload = load_checkpoint(source)
     except CheckpointError as error:
@@ -118,10 +109,22 @@ def check_source(source: str, part: str, model: nn.Module) -> None:
         raise ConfigError(f"model.init_from {source}: {error}") from None
 
 
+def apply_initial_weights(model_cfg: ModelConfig, model: nn.Module, *, log: bool) -> None:
+    """A worker's fresh model gets its initial weights (both sources resolved by the driver):
+    official pretrained weights (`model.pretrained`, `segnext.load_official_weights`), then
+    a checkpoint of this project (`model.init_from`); `log` prints what was loaded."""
+    if model_cfg.pretrained:
+        report = segnext.load_official_weights(model, model_cfg.pretrained)
+        if log:
+            print(f"[segnext] pretrained weights from {model_cfg.pretrained}: {report}")
+    if model_cfg.init_from:
+        report = apply_source(model, model_cfg.init_from, model_cfg.init_part)
+        if log:
+            print(f"[segnext] initial weights: {report}", flush=True)
+
+
 def apply_source(model: nn.Module, source: str, part: str) -> str:
     """Load the weights of checkpoint `source` into `model` (a worker, before training)."""
-    from pipelines.checkpoint_io import load_checkpoint
-
     count = apply_weights(model, load_checkpoint(source)["model"], part)
     return f"{count} tensors ({part}) from {source}"
 

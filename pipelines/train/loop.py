@@ -33,6 +33,7 @@ from pipelines.meta import ModelMeta
 from pipelines.metric_names import SCORE
 from pipelines.tracking import runs as tracking
 from pipelines.train.checkpointing import Checkpointer
+from pipelines.train.initial_weights import apply_initial_weights
 from pipelines.train.metrics_window import MetricsWindow
 from pipelines.train.optim import RecipeSchedule, build_optimizer
 from pipelines.train.periodic_validation import (
@@ -100,7 +101,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             for warning in restored.warnings:
                 print(f"[segnext] warning: {warning}", flush=True)
     else:
-        _initial_weights(cfg, core, rank)
+        apply_initial_weights(cfg.model, core, log=rank == 0)
 
     if world > 1 and device.type == "cuda":
         core = nn.SyncBatchNorm.convert_sync_batchnorm(core)
@@ -162,20 +163,6 @@ def build_criterion(cfg: ExperimentConfig, meta: ModelMeta) -> nn.Module:
         warmup_iters=cfg.loss.warmup_iters,
         class_weights=class_weights,
     )
-
-
-def _initial_weights(cfg: ExperimentConfig, core: nn.Module, rank: int) -> None:
-    """Official pretrained weights and/or a warm start (both resolved by the driver)."""
-    if cfg.model.pretrained:
-        report = segnext.load_official_weights(core, cfg.model.pretrained)
-        if rank == 0:
-            print(f"[segnext] pretrained weights from {cfg.model.pretrained}: {report}")
-    if cfg.model.init_from:
-        from pipelines.train.initial_weights import apply_source
-
-        report = apply_source(core, cfg.model.init_from, cfg.model.init_part)
-        if rank == 0:
-            print(f"[segnext] initial weights: {report}", flush=True)
 
 
 def _move_optimizer_state(optimizer: torch.optim.Optimizer, device: torch.device) -> None:

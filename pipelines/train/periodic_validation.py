@@ -10,8 +10,11 @@ import torch.distributed as dist
 from torch import nn
 
 import segnext
+from data.manifest import load_manifest
 from data.samples import SampleReadError
 from pipelines.config import ExperimentConfig, to_flat_dict
+from pipelines.inference.scoring import score_split
+from pipelines.inference.segmenter import Segmenter, settings_from_checkpoint
 from pipelines.meta import ModelMeta
 from pipelines.metric_names import SCORE, class_iou_metric
 from pipelines.tracking import runs as tracking
@@ -26,8 +29,6 @@ class Validator:
 
     def __init__(self, cfg: ExperimentConfig, meta: ModelMeta, core: nn.Module, *,
                  device: torch.device, rank: int, world: int) -> None:
-        from data.shards import load_manifest
-        from pipelines.inference.segmenter import Segmenter, settings_from_checkpoint
 
         self.cfg, self.rank, self.world, self.core = cfg, rank, world, core
         self.manifest = load_manifest(cfg.data.root)
@@ -43,7 +44,6 @@ class Validator:
 
     def run(self) -> tuple[np.ndarray, int]:
         """(summed (K, K) confusion matrix, samples skipped on all workers)."""
-        from pipelines.inference.scoring import score_split
 
         k = self.segmenter.num_classes
         problem = ""

@@ -71,3 +71,17 @@ def test_camvid_accuracy_smoke(tmp_path):
     again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert again.stdout.count("exists, skipped") == 4 and "training" not in again.stdout
+
+    # the seeds report builds its tables and picture from whatever run JSONs exist
+    report_command = [sys.executable, str(REPO / "bench" / "camvid_seeds_report.py"),
+                      "--results", str(out / "results"), "--tracking-uri", f"sqlite:///{out / 'mlflow.db'}"]
+    done = subprocess.run(report_command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    text = (out / "results" / "report.md").read_text()
+    for needle in ("| mIoU |", "IoU Pedestrian/Bicyclist", "confusion Pole/SignSymbol/Fence",
+                   "integrated - standard-cb", "integrated - integrated-novar",
+                   "one seed: no verdict", "| general | integrated |", "| refine | integrated |"):
+        assert needle in text, needle
+    assert (out / "results" / "report.png").stat().st_size > 0
+    reports = client.search_runs(runs[0].info.experiment_id, "attributes.run_name = 'camvid-seeds-report'")
+    assert {a.path for a in client.list_artifacts(reports[0].info.run_id)} >= {"seeds_report.png"}

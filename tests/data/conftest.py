@@ -1,7 +1,8 @@
-"""Shared data fixtures: the real CamVid folder and small shard sets written once per session.
+"""Data-only fixtures: the real CamVid folder and its shards, written once per session.
 
-Other test modules (stream, transforms) use `camvid_shards` and `synthetic_shards` read-only;
-tests that modify shards copy them first.
+Other test modules (stream, transforms) use `camvid_shards` and `synthetic_shards` (from
+tests/conftest.py, shared with the pipeline and tune tests) read-only; tests that modify shards
+copy them first.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.shards import load_manifest, write_shards
-from data.sources import CamVid, Synthetic
+from data.manifest import load_manifest
+from data.shard_writer import write_shards
+from data.sources import CamVid
 
 REPO = Path(__file__).resolve().parents[2]
 CAMVID = REPO / ".." / "shared" / "datasets" / "camvid"
@@ -43,14 +45,6 @@ def camvid_shards(camvid_root: Path, tmp_path_factory: pytest.TempPathFactory) -
         limit={"train": 20, "val": 8},
         shard_size=8,
     )
-    return out
-
-
-@pytest.fixture(scope="session")
-def synthetic_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """32 train + 8 val synthetic 64x64 scenes (7 classes, seed 0), 16 samples per shard."""
-    out = tmp_path_factory.mktemp("synthetic_shards")
-    write_shards(Synthetic(num_train=32, num_val=8, size=(64, 64), seed=0), out, shard_size=16)
     return out
 
 

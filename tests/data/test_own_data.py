@@ -20,12 +20,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.shards import (
-    ManifestError,
-    load_manifest,
-    verify,
-    write_shards,
-)
+from data.manifest import ManifestError, load_manifest
+from data.shard_verify import verify
+from data.shard_writer import write_shards
 from data.sources import DataError, Folder, SampleError, SourceError, Synthetic
 from data.sources.folder import discover_splits
 from pipelines.cli import main
@@ -202,7 +199,7 @@ def test_a_failure_while_renaming_keeps_the_previous_dataset(tmp_path, monkeypat
             raise OSError("disk full (simulated)")
         real_replace(src, dst)
 
-    monkeypatch.setattr("data.shards.os.replace", failing_replace)
+    monkeypatch.setattr("data.shard_writer.os.replace", failing_replace)
     changed = Synthetic(num_train=6, num_val=2, size=(32, 32), seed=2)
     with pytest.raises(OSError, match="simulated"):
         write_shards(changed, out, shard_size=2)

@@ -14,16 +14,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.shards import (
-    FORMAT,
-    ManifestError,
-    load_manifest,
-    resolve_filesystem,
-    verify,
-    write_shards,
-)
+from data.manifest import FORMAT, ManifestError, load_manifest
+from data.shard_verify import verify
+from data.shard_writer import write_shards
 from data.sources import CamVid, Folder, SampleError, Synthetic
 from data.sources.camvid import CAMVID_CLASSES
+from data.storage import resolve_filesystem
 from pipelines.cli import main
 
 SMALL = (120, 90)  # CamVid images shrunk 4x keep the error-path tests fast

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.shards import load_manifest, verify, write_shards
+from data.manifest import load_manifest
+from data.shard_verify import verify
+from data.shard_writer import write_shards
 from data.sources import ADE20K, VOC, CamVid, Cityscapes, Folder, SampleError, SourceError
 from data.sources.base import bit_palette
 from data.sources.camvid import CAMVID_CLASSES

@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 from data.loader import ShardSamples, build_torch_loader, read_shard
+from data.manifest import load_manifest
 from data.samples import SamplePipeline, SampleReadError, build_pipeline
-from data.shards import load_manifest
 from data.transforms import MEAN, STD, normalize_batch
 
 CROP = (40, 48)  # synthetic scenes are 64x64: random resize 0.5-2.0 then crop
@@ -266,7 +266,7 @@ def test_stream_skip_mode_counts_what_it_leaves_out(ray_cluster, broken_shards: 
 
 
 def test_stream_rejects_bad_arguments(synthetic_shards: Path):
-    from data.shards import ManifestError
+    from data.manifest import ManifestError
     from data.stream import build_train_stream
 
     with pytest.raises(ValueError, match="on_error"):

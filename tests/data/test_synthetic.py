@@ -7,7 +7,8 @@ import itertools
 import numpy as np
 import pytest
 
-from data.shards import load_manifest, verify
+from data.manifest import load_manifest
+from data.shard_verify import verify
 from data.sources import SourceError, Synthetic
 
 

@@ -20,16 +20,9 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 @pytest.fixture
-def config_file(tmp_path: Path) -> Path:
-    path = tmp_path / "exp.yaml"
-    path.write_text(
-        "model: {variant: tiny, classifier: integrated}\n"
-        "data: {root: /some/shards, crop_size: [64, 64]}\n"
-        "optim: {lr: 6e-5}\n"
-        "ray: {num_workers: 2}\n"
-        "train: {global_batch_size: 8}\n"
-    )
-    return path
+def config_file(tmp_path: Path, experiment_yaml) -> Path:
+    """The tiny experiment (tests/conftest.py) with `lr: 6e-5` written as a person types it."""
+    return experiment_yaml(tmp_path, "/some/shards", {"optim.lr": "6e-5"})
 
 
 def test_yaml_values_and_defaults(config_file: Path) -> None:

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from test_registry import single_thread, sqlite_store, tiny_checkpoint  # noqa: F401
 
-from data.shards import write_shards
+from data.shard_writer import write_shards
 from data.sources.synthetic import Synthetic
 from pipelines.commands.evaluate import EvalOptions, evaluate
 from segnext.metrics import ConfusionMatrix

@@ -21,44 +21,17 @@ from pipelines.train import driver as train_module
 
 pytestmark = pytest.mark.slow
 
-CONFIG = """
-model: {variant: tiny, classifier: integrated, drop_path_rate: 0.1}
-data: {root: ROOT, crop_size: [64, 64], ratio_range: [0.75, 1.25], read_cpus: 0.25}
-optim: {lr: 2.0e-3}
-schedule: {iterations: 6, warmup_iters: 1}
-train: {global_batch_size: 8, per_worker_batch_size: 2, log_every: 1, val_every: 2,
-        checkpoint_every: 2, keep_best: 1}
-eval: {batch_size: 8}
-ray: {num_workers: 2, cpus_per_worker: 0.5}
-mlflow: {tracking_uri: MLFLOW, experiment: exact}
-registry: {register: false}
-run: {storage_path: STORAGE}
-"""
-
-
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from data.shards import write_shards
-    from data.sources import Synthetic
-
+def workdir(tmp_path_factory: pytest.TempPathFactory, make_shards, experiment_yaml) -> Path:
+    """The tiny experiment with drop path on and 2 micro-batches per worker, logging every step."""
     root = tmp_path_factory.mktemp("exact")
     # 36 samples: 4 global batches per epoch, so 6 steps cross an epoch boundary
-    write_shards(Synthetic(num_train=36, num_val=6, size=(64, 64)), root / "shards",
-                 shard_size=10)
-    text = (CONFIG.replace("ROOT", str(root / "shards"))
-            .replace("MLFLOW", f"sqlite:///{root / 'mlflow.db'}")
-            .replace("STORAGE", str(root / "ray")))
-    (root / "exp.yaml").write_text(text)
+    shards = make_shards(36, 6, shard_size=10)
+    experiment_yaml(root, shards, {
+        "model.drop_path_rate": 0.1, "train.per_worker_batch_size": 2, "train.log_every": 1,
+        "mlflow.experiment": "exact",
+    })
     return root
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    train_module.init_ray("local", num_cpus=2)
-    yield
-    ray.shutdown()
 
 
 def _train(workdir: Path, name: str, *overrides: str, resume: bool = False):

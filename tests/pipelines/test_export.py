@@ -150,7 +150,7 @@ def test_integrated_classifier_dynamic_and_fixed_size(tmp_path):
     import onnxruntime as ort
 
     from pipelines.inference.onnx_runtime import OnnxSegmenter
-    from pipelines.inference.segmenter import load_segmenter
+    from pipelines.tracking.models import load_segmenter
 
     # top_k < K: the refinement decides among each pixel's 2 best general candidates (topk +
     # scatter in the graph)
@@ -253,7 +253,7 @@ def test_numpy_resize_is_torch_bilinear(source, target):
 
 
 def test_verification_image_defaults_to_the_training_shards(tmp_path):
-    from data.shards import write_shards
+    from data.shard_writer import write_shards
     from data.sources import Synthetic
     from pipelines.commands.export import export_onnx
 

@@ -17,7 +17,6 @@ import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -33,7 +32,7 @@ START_TIMEOUT_S = 120
 
 
 def _record_run(uri: str, experiment: str, folder: Path) -> str:
-    """A run as `segnext train` leaves it: opened by train's own `_open_mlflow_run` (params,
+    """A run as `segnext train` leaves it: opened by train's own `open_training_run` (params,
     Description), per-step metrics, per-validation pictures (the figures of pipelines.tracking.runs
     under the train loop's folder names), a registered model with @champion and its
     description, and the Description's outcome as `_finish` writes it."""
@@ -42,15 +41,15 @@ def _record_run(uri: str, experiment: str, folder: Path) -> str:
     from pipelines.config import load_config
     from pipelines.tracking import runs as tracking
     from pipelines.tracking.registry import register_checkpoint
-    from pipelines.train.driver import _open_mlflow_run
+    from pipelines.tracking.training import open_training_run
 
     client = MlflowClient(uri)
     cfg = load_config(CONFIG, [f"data.root={folder / 'shards'}", "model.num_classes=3",
-                               "model.classifier=standard", "mlflow.tracking_uri=" + uri])
-    prepared = SimpleNamespace(num_params=4_261_000, train_samples=512,
-                               meta=SimpleNamespace(to_dict=lambda: {"class_names": list(CLASSES)}))
-    run_id = _open_mlflow_run(client, experiment, cfg, prepared, "ui-run", parent_run_id=None,
-                              tags={"kind": "cpu"})
+                               "model.classifier=standard", "mlflow.tracking_uri=" + uri,
+                               "run.name=ui-run",
+                               f"mlflow.experiment={client.get_experiment(experiment).name}"])
+    run_id = open_training_run(cfg, num_params=4_261_000, train_samples=512,
+                               meta={"class_names": list(CLASSES)}, tags={"kind": "cpu"}).run_id
     logger = tracking.RunLogger(uri, run_id, enabled=True)
     rng = np.random.default_rng(0)
     k = len(CLASSES)
@@ -83,14 +82,8 @@ def _record_search(uri: str, experiment: str, folder: Path) -> str:
     from mlflow import MlflowClient
 
     from pipelines.config import load_config
-    from tune.search import (
-        COMPLETED,
-        STOPPED,
-        SearchSummary,
-        TrialOutcome,
-        _open_parent_run,
-        _record_parent,
-    )
+    from pipelines.tracking.search import COMPLETED, STOPPED, SearchSummary, TrialOutcome
+    from tune.run import _open_parent_run, _record_parent
 
     client = MlflowClient(uri)
     cfg = load_config(TUNE_CONFIG, [f"data.root={folder / 'shards'}", "mlflow.tracking_uri=" + uri])

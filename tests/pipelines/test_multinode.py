@@ -19,21 +19,6 @@ from pipelines.train import driver as train_module
 
 pytestmark = pytest.mark.slow
 
-CONFIG = """
-model: {variant: tiny, classifier: standard, drop_path_rate: 0.0}
-data: {root: ROOT, crop_size: [64, 64], ratio_range: [0.75, 1.25], read_cpus: 0.25}
-optim: {lr: 2.0e-3}
-schedule: {iterations: 12, warmup_iters: 1}
-train: {global_batch_size: 8, per_worker_batch_size: 2, log_every: 1, val_every: 2,
-        checkpoint_every: 2, keep_best: 1, max_failures: 2}
-eval: {batch_size: 8}
-ray: {num_workers: 2, min_workers: 1, cpus_per_worker: 0.5,
-      resources_per_worker: {segnext_node: 1}, address: ADDRESS}
-mlflow: {tracking_uri: MLFLOW, experiment: multinode}
-registry: {register: false}
-run: {storage_path: STORAGE, name: two-nodes}
-"""
-
 
 @pytest.fixture
 def two_nodes():
@@ -74,20 +59,19 @@ def _remove_after(cluster, node, run_dir: Path, timeout_s: float = 900) -> threa
     return thread
 
 
-def test_elastic_two_node_run_survives_losing_a_node(two_nodes, tmp_path: Path) -> None:
+def test_elastic_two_node_run_survives_losing_a_node(
+    two_nodes, tmp_path: Path, make_shards, experiment_yaml
+) -> None:
     from mlflow.tracking import MlflowClient
 
-    from data.shards import write_shards
-    from data.sources import Synthetic
-
     cluster, second = two_nodes
-    write_shards(Synthetic(num_train=32, num_val=4, size=(64, 64)), tmp_path / "shards")
-    (tmp_path / "exp.yaml").write_text(
-        CONFIG.replace("ROOT", str(tmp_path / "shards"))
-        .replace("MLFLOW", f"sqlite:///{tmp_path / 'mlflow.db'}")
-        .replace("STORAGE", str(tmp_path / "ray"))
-        .replace("ADDRESS", cluster.address)
-    )
+    # the tiny experiment, elastic (1..2 workers of 2 micro-batches, one per node), 12 steps
+    experiment_yaml(tmp_path, make_shards(32, 4), {
+        "model.classifier": "standard", "schedule.iterations": 12,
+        "train.per_worker_batch_size": 2, "train.log_every": 1, "train.max_failures": 2,
+        "ray.min_workers": 1, "ray.resources_per_worker": {"segnext_node": 1},
+        "ray.address": cluster.address, "mlflow.experiment": "multinode", "run.name": "two-nodes",
+    })
     cfg = load_config(tmp_path / "exp.yaml")
     watcher = _remove_after(cluster, second, tmp_path / "ray" / "two-nodes")
     result = train_module.train(cfg)

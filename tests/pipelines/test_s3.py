@@ -20,27 +20,19 @@ import pyarrow.fs as pafs
 import pytest
 from PIL import Image
 
-from pipelines import storage
-from pipelines.checkpoint_io import CheckpointError, load_checkpoint
+from data import storage
+from data.storage import StorageError
+from pipelines.checkpoint_io import (
+    CheckpointError,
+    checkpoint_files,
+    load_checkpoint,
+    local_checkpoint,
+)
 from pipelines.cli import main
 from pipelines.config import load_config
-from pipelines.storage import StorageError
 from pipelines.train import driver as train_module
 
 BUCKET = "segnext-test"
-CONFIG = """
-model: {variant: tiny, classifier: standard, drop_path_rate: 0.0}
-data: {root: s3://BUCKET/shards, crop_size: [64, 64], ratio_range: [0.75, 1.25], read_cpus: 0.25}
-optim: {lr: 2.0e-3}
-schedule: {iterations: 6, warmup_iters: 1}
-train: {global_batch_size: 8, log_every: 2, val_every: 2, checkpoint_every: 2, keep_best: 1}
-eval: {batch_size: 8}
-ray: {num_workers: 2, cpus_per_worker: 0.5}
-mlflow: {tracking_uri: MLFLOW, experiment: s3}
-registry: {register: true, name: segnext-s3}
-run: {storage_path: s3://BUCKET/runs}
-storage: {endpoint: ENDPOINT}
-"""
 
 
 def _free_port() -> int:
@@ -99,23 +91,19 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def workdir(s3: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Synthetic shards written locally, uploaded to s3://BUCKET/shards, then deleted here."""
-    import shutil
-
-    from data.shards import write_shards
-    from data.sources import Synthetic
-
+def workdir(
+    s3: str, tmp_path_factory: pytest.TempPathFactory, tiny_shards: Path, experiment_yaml
+) -> Path:
+    """The session's `tiny_shards` uploaded to s3://BUCKET/shards (no copy of them in this
+    folder: the manifest names its shards relative to its own folder), and the tiny experiment
+    reading them from there, its run folders in s3://BUCKET/runs, registering the best."""
     root = tmp_path_factory.mktemp("s3")
-    write_shards(Synthetic(num_train=32, num_val=6, size=(64, 64)), root / "shards")
-    storage.upload(root / "shards", f"s3://{BUCKET}/shards")
-    shutil.rmtree(root / "shards")
-    text = (
-        CONFIG.replace("BUCKET", BUCKET)
-        .replace("MLFLOW", f"sqlite:///{root / 'mlflow.db'}")
-        .replace("ENDPOINT", s3)
-    )
-    (root / "exp.yaml").write_text(text)
+    storage.upload(tiny_shards, f"s3://{BUCKET}/shards")
+    experiment_yaml(root, f"s3://{BUCKET}/shards", {
+        "model.classifier": "standard", "mlflow.experiment": "s3", "registry.register": True,
+        "registry.name": "segnext-s3", "run.storage_path": f"s3://{BUCKET}/runs",
+        "storage.endpoint": s3,
+    })
     return root
 
 
@@ -130,11 +118,11 @@ def no_workers(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_upload_and_fetch_roundtrip(workdir: Path) -> None:
     """The uploaded shards are on S3 with their manifest; a fetched copy is removed after use."""
-    from data.shards import load_manifest
+    from data.manifest import load_manifest
 
     manifest = load_manifest(f"s3://{BUCKET}/shards")
     assert manifest.num_samples("train") == 32 and manifest.num_samples("val") == 6
-    with storage.local_checkpoint(f"s3://{BUCKET}/shards/dataset.json") as local:
+    with local_checkpoint(f"s3://{BUCKET}/shards/dataset.json") as local:
         assert json.loads(local.read_text())["splits"].keys() == {"train", "val"}
     assert not local.exists()
     with pytest.raises(CheckpointError, match=f"no checkpoint at s3://{BUCKET}/nothing"):
@@ -199,13 +187,10 @@ def test_bad_credentials_fail_before_workers(
 
 
 @pytest.fixture(scope="module")
-def ray_session(s3: str):
-    """A private 2-CPU Ray started after the AWS_* variables are set (workers inherit them)."""
-    import ray
-
-    train_module.init_ray("local", num_cpus=2)
-    yield
-    ray.shutdown()
+def ray_session(s3: str, ray_session: None) -> None:
+    """The shared private 2-CPU Ray (tests/conftest.py), started after the AWS_* variables are
+    set (workers inherit them) and shut down before the S3 server stops."""
+    return ray_session
 
 
 @pytest.mark.slow
@@ -236,7 +221,7 @@ def test_train_crash_resume_register_eval_on_s3(
     run_uri = f"s3://{BUCKET}/runs/s3run"
     assert result.path == run_uri
     assert result.best_checkpoint.startswith(f"{run_uri}/checkpoint_")
-    files = storage.checkpoint_files(run_uri)
+    files = checkpoint_files(run_uri)
     assert f"{run_uri}/checkpoint_0000006/checkpoint.pt" in files and len(files) <= 2
     assert not (Path.cwd() / "s3:").exists() and not (workdir / "runs").exists()
 
@@ -299,7 +284,7 @@ def test_train_crash_resume_register_eval_on_s3(
 
 
 def test_endpoint_must_be_a_url(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from data.fs import s3_filesystem
+    from data.storage import s3_filesystem
     from pipelines.config import ConfigError
 
     with pytest.raises(ConfigError, match="storage.endpoint = 'minio:9000' must be a URL"):

@@ -24,14 +24,9 @@ from PIL import Image
 from test_registry import CLASSES, single_thread, sqlite_store, tiny_checkpoint  # noqa: F401
 
 from pipelines.checkpoint_io import load_checkpoint, model_from_checkpoint
-from pipelines.inference.segmenter import (
-    InferenceSettings,
-    Segmenter,
-    decode_mask_png,
-    load_segmenter,
-    predict_any,
-    settings_from_checkpoint,
-)
+from pipelines.inference.segmenter import InferenceSettings, Segmenter, settings_from_checkpoint
+from pipelines.serving.payload import decode_mask_png, predict_any
+from pipelines.tracking.models import load_segmenter
 
 SIZES = ((40, 60), (33, 47))
 SERVE = "models serve -m models:/segnext@champion --env-manager local --host 127.0.0.1"
@@ -168,7 +163,7 @@ def test_pyfunc_rejects_bad_inputs_clearly(constant_model):
 def _pyfunc(checkpoint: Path, model_config: dict | None = None):
     from types import SimpleNamespace
 
-    from pipelines.inference.segmenter import SegNeXtPyfunc
+    from pipelines.serving import SegNeXtPyfunc
 
     model = SegNeXtPyfunc()
     model.load_context(
@@ -180,7 +175,8 @@ def _pyfunc(checkpoint: Path, model_config: dict | None = None):
 def test_oversized_requests_are_refused_with_http_400(constant_model, monkeypatch):
     from mlflow.exceptions import MlflowException
 
-    from pipelines.inference.segmenter import ImageTooLargeError, max_pixels_setting
+    from pipelines.serving.payload import ImageTooLargeError
+    from pipelines.serving.pyfunc import max_pixels_setting
 
     monkeypatch.delenv("SEGNEXT_MAX_PIXELS", raising=False)
     assert max_pixels_setting() == 16_000_000 and max_pixels_setting({"max_pixels": 10}) == 10
@@ -273,7 +269,7 @@ def test_champion_loads_and_predicts_in_a_fresh_process(registry):
 def test_model_uris_resolve_to_their_checkpoint_and_run(registry):
     from mlflow import MlflowClient
 
-    from pipelines.inference.segmenter import resolve_model
+    from pipelines.tracking.models import resolve_model
     from pipelines.tracking.registry import using_tracking_uri
 
     with using_tracking_uri(registry):

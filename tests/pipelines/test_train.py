@@ -11,35 +11,16 @@ from pipelines.checkpoint_io import load_checkpoint
 from pipelines.cli import main
 from pipelines.config import ConfigError, load_config
 from pipelines.train import driver as train_module
-
-CONFIG = """
-model: {variant: tiny, classifier: integrated, drop_path_rate: 0.0}
-data: {root: ROOT, crop_size: [64, 64], ratio_range: [0.75, 1.25], read_cpus: 0.25}
-optim: {lr: 2.0e-3}
-schedule: {iterations: 6, warmup_iters: 1}
-train: {global_batch_size: 8, log_every: 2, val_every: 2, checkpoint_every: 2, keep_best: 1}
-eval: {batch_size: 8}
-ray: {num_workers: 2, cpus_per_worker: 0.5}
-mlflow: {tracking_uri: MLFLOW, experiment: test}
-registry: {register: false}
-run: {storage_path: STORAGE}
-"""
+from pipelines.train.cli import summary
+from pipelines.train.resolve import resolve
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Shards (64x64 synthetic scenes), an MLflow store and a Ray storage folder."""
-    from data.shards import write_shards
-    from data.sources import Synthetic
-
+def workdir(tmp_path_factory: pytest.TempPathFactory, tiny_shards: Path, experiment_yaml) -> Path:
+    """exp.yaml (the tiny experiment of tests/conftest.py on `tiny_shards`), an MLflow store
+    and a Ray storage folder."""
     root = tmp_path_factory.mktemp("train")
-    write_shards(Synthetic(num_train=32, num_val=6, size=(64, 64)), root / "shards")
-    text = (
-        CONFIG.replace("ROOT", str(root / "shards"))
-        .replace("MLFLOW", f"sqlite:///{root / 'mlflow.db'}")
-        .replace("STORAGE", str(root / "ray"))
-    )
-    (root / "exp.yaml").write_text(text)
+    experiment_yaml(root, tiny_shards)
     return root
 
 
@@ -83,11 +64,13 @@ def test_bad_config_fails_before_workers(
     assert needle in capsys.readouterr().err
 
 
-def test_class_balance_reads_the_training_split_pixel_shares(workdir: Path) -> None:
-    from data.shards import load_manifest
+def test_class_balance_reads_the_training_split_pixel_shares(
+    workdir: Path, tiny_shards: Path
+) -> None:
+    from data.manifest import load_manifest
 
-    counts = load_manifest(workdir / "shards").class_pixel_counts["train"]
-    prepared = train_module.prepare(load_config(workdir / "exp.yaml"))
+    counts = load_manifest(tiny_shards).class_pixel_counts["train"]
+    prepared = resolve(load_config(workdir / "exp.yaml"))
     shares = prepared.cfg.loss.class_frequencies
     assert shares == pytest.approx([n / sum(counts) for n in counts])
     assert prepared.cfg.loss.class_balance_for("integrated") == 0.5  # the head's default
@@ -95,13 +78,14 @@ def test_class_balance_reads_the_training_split_pixel_shares(workdir: Path) -> N
 
 
 def test_class_balance_without_pixel_counts_fails_before_workers(
-    workdir: Path, no_workers: None, tmp_path: Path, capsys: pytest.CaptureFixture
+    workdir: Path, tiny_shards: Path, no_workers: None, tmp_path: Path,
+    capsys: pytest.CaptureFixture,
 ) -> None:
     import json
     import shutil
 
     shards = tmp_path / "shards"
-    shutil.copytree(workdir / "shards", shards)
+    shutil.copytree(tiny_shards, shards)
     manifest = json.loads((shards / "dataset.json").read_text())
     manifest["class_pixel_counts"] = {}
     (shards / "dataset.json").write_text(json.dumps(manifest))
@@ -109,18 +93,19 @@ def test_class_balance_without_pixel_counts_fails_before_workers(
     assert code == 2
     assert "needs class pixel counts" in capsys.readouterr().err
     unweighted = load_config(workdir / "exp.yaml", [f"data.root={shards}", "loss.class_balance=0"])
-    assert train_module.prepare(unweighted).cfg.loss.class_frequencies is None
+    assert resolve(unweighted).cfg.loss.class_frequencies is None
 
 
 def test_missing_shard_fails_before_workers(
-    workdir: Path, no_workers: None, tmp_path: Path, capsys: pytest.CaptureFixture
+    workdir: Path, tiny_shards: Path, no_workers: None, tmp_path: Path,
+    capsys: pytest.CaptureFixture,
 ) -> None:
     import shutil
 
-    from data.shards import load_manifest
+    from data.manifest import load_manifest
 
     shards = tmp_path / "shards"
-    shutil.copytree(workdir / "shards", shards)
+    shutil.copytree(tiny_shards, shards)
     gone = Path(load_manifest(shards).shard_urls("val")[0])
     gone.unlink()
     code = main(["train", "--config", str(workdir / "exp.yaml"), f"data.root={shards}"])
@@ -145,15 +130,6 @@ def test_resume_needs_an_existing_run(workdir: Path, no_workers: None) -> None:
         train_module.train(load_config(workdir / "exp.yaml"), resume="nosuchrun")
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    train_module.init_ray("local", num_cpus=2)  # a private cluster, even if another one runs
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.parametrize("fused", [False, True])
 def test_fused_msca_switch_keeps_checkpoint_keys(workdir: Path, fused: bool) -> None:
     """train.fused_msca swaps MSCA for FusedMSCA without changing the state_dict layout."""
@@ -170,9 +146,9 @@ def test_fused_msca_switch_keeps_checkpoint_keys(workdir: Path, fused: bool) -> 
 def _corrupt_first_planned_image(root: Path, splits: list[str], global_batch: int) -> None:
     """Overwrite the image bytes of the first sample the batch plan trains on (seed 0), so the
     run is sure to read it (a plan leaves an epoch's remainder out)."""
+    from data.manifest import load_manifest
     from data.plan import BatchPlan
     from data.sample_index import build_sample_index
-    from data.shards import load_manifest
 
     index, _ = build_sample_index(load_manifest(root), splits)
     first = BatchPlan(len(index), global_batch, global_batch, seed=0).epoch_order(0)[0]
@@ -186,7 +162,7 @@ def _corrupt_first_image(root: Path, split: str = "train") -> None:
     """Overwrite the first image's bytes of `split` in place (same size: only decoding can tell)."""
     import tarfile
 
-    from data.shards import load_manifest
+    from data.manifest import load_manifest
 
     shard = load_manifest(root).shard_urls(split)[0]
     with tarfile.open(shard) as tar:
@@ -197,7 +173,9 @@ def _corrupt_first_image(root: Path, split: str = "train") -> None:
 
 
 @pytest.mark.slow
-def test_validation_scores_as_eval_and_skips_are_tracked(workdir: Path, ray_session: None) -> None:
+def test_validation_scores_as_eval_and_skips_are_tracked(
+    workdir: Path, tiny_shards: Path, ray_session: None
+) -> None:
     """Several training splits, a test resize (data.scale), a corrupt train sample skipped: the
     val mIoU of the last checkpoint equals what `segnext eval` computes on it, and the skip
     shows in MLflow and the summary."""
@@ -208,7 +186,7 @@ def test_validation_scores_as_eval_and_skips_are_tracked(workdir: Path, ray_sess
     from pipelines.commands.evaluate import evaluate
 
     shards = workdir / "broken-shards"
-    shutil.copytree(workdir / "shards", shards)
+    shutil.copytree(tiny_shards, shards)
     _corrupt_first_planned_image(shards, ["train", "val"], global_batch=8)
     cfg = load_config(workdir / "exp.yaml", [
         f"data.root={shards}", "data.train_split=[train, val]", "data.scale=[48, 40]",
@@ -229,7 +207,7 @@ def test_validation_scores_as_eval_and_skips_are_tracked(workdir: Path, ray_sess
     assert abs(result.metrics["val/aAcc"] - scored.scores["aAcc"]) < 1e-6
 
     assert result.skipped["train+val"] >= 1 and result.skipped["val"] == 0
-    assert "skipped samples  train+val" in train_module.summary(result)
+    assert "skipped samples  train+val" in summary(result)
     run = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}").get_run(result.run_id)
     assert run.data.metrics["data/skipped/train_val"] == result.skipped["train+val"]
     assert run.data.tags["data.skipped.train_val"] == str(result.skipped["train+val"])
@@ -289,7 +267,7 @@ def test_a_second_cluster_mid_run_does_not_disturb_the_run(
 
 @pytest.mark.slow
 def test_unreadable_validation_data_ends_the_run_without_retries(
-    workdir: Path, ray_session: None
+    workdir: Path, tiny_shards: Path, ray_session: None
 ) -> None:
     """A val sample that cannot be read (on_error: raise) is a data problem a restart would
     only repeat: the run ends at the first validation with the shard and key named, even with
@@ -299,7 +277,7 @@ def test_unreadable_validation_data_ends_the_run_without_retries(
     from mlflow.tracking import MlflowClient
 
     shards = workdir / "bad-val-shards"
-    shutil.copytree(workdir / "shards", shards)
+    shutil.copytree(tiny_shards, shards)
     _corrupt_first_image(shards, "val")
     cfg = load_config(workdir / "exp.yaml", [
         f"data.root={shards}", "train.max_failures=2", "run.name=bad-val",

@@ -18,19 +18,8 @@ from pipelines.checkpoint_io import build_meta, load_checkpoint, save_checkpoint
 from pipelines.config import load_config
 from pipelines.train import driver as train_module
 from pipelines.train import initial_weights as warm_start
+from pipelines.train.resolve import resolve
 
-CONFIG = """
-model: {variant: tiny, classifier: integrated, drop_path_rate: 0.0}
-data: {root: ROOT, crop_size: [64, 64], ratio_range: [0.75, 1.25], read_cpus: 0.25}
-optim: {lr: 1.0e-12, weight_decay: 0.0}
-schedule: {iterations: 2, warmup_iters: 0}
-train: {global_batch_size: 8, log_every: 1, val_every: 2, checkpoint_every: 2, keep_best: 1}
-eval: {batch_size: 8}
-ray: {num_workers: 1, cpus_per_worker: 0.5}
-mlflow: {tracking_uri: MLFLOW, experiment: warm}
-registry: {register: false}
-run: {storage_path: STORAGE}
-"""
 SHARD_CLASSES = 6
 
 
@@ -51,19 +40,20 @@ def source_checkpoint(folder: Path, *, num_classes: int, classifier: str = "inte
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from data.shards import write_shards
-    from data.sources import Synthetic
+def shards(make_shards) -> Path:
+    """16 train + 4 val synthetic 64x64 scenes of SHARD_CLASSES classes (shared: read only)."""
+    return make_shards(16, 4, num_classes=SHARD_CLASSES)
 
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory, shards: Path, experiment_yaml) -> Path:
+    """The tiny experiment at a vanishing learning rate: 2 steps on 1 worker, no warm-up."""
     root = tmp_path_factory.mktemp("warm")
-    write_shards(Synthetic(num_train=16, num_val=4, size=(64, 64), num_classes=SHARD_CLASSES),
-                 root / "shards")
-    text = (
-        CONFIG.replace("ROOT", str(root / "shards"))
-        .replace("MLFLOW", f"sqlite:///{root / 'mlflow.db'}")
-        .replace("STORAGE", str(root / "ray"))
-    )
-    (root / "exp.yaml").write_text(text)
+    experiment_yaml(root, shards, {
+        "optim.lr": 1.0e-12, "optim.weight_decay": 0.0, "schedule.iterations": 2,
+        "schedule.warmup_iters": 0, "train.log_every": 1, "ray.num_workers": 1,
+        "mlflow.experiment": "warm",
+    })
     source_checkpoint(root / "same", num_classes=SHARD_CLASSES)
     source_checkpoint(root / "other", num_classes=SHARD_CLASSES + 2)
     return root
@@ -116,13 +106,14 @@ def test_whole_model_and_encoder_only_take_the_right_tensors(workdir: Path) -> N
     ],
 )
 def test_bad_init_from_is_refused_before_ray_starts(
-    workdir: Path, no_workers: None, capsys: pytest.CaptureFixture, overrides, needle
+    workdir: Path, shards: Path, no_workers: None, capsys: pytest.CaptureFixture, overrides,
+    needle,
 ) -> None:
     from pipelines.cli import main
 
     source_checkpoint(workdir / "standard", num_classes=SHARD_CLASSES, classifier="standard")
     paths = {"OTHER": workdir / "other", "SAME": workdir / "same",
-             "STANDARD": workdir / "standard", "SHARDS": workdir / "shards"}
+             "STANDARD": workdir / "standard", "SHARDS": shards}
     for name, path in paths.items():
         overrides = [item.replace(name, str(path)) for item in overrides]
     code = main(["train", "--config", str(workdir / "exp.yaml"), *overrides])
@@ -135,24 +126,18 @@ def test_prepare_resolves_a_relative_path_and_accepts_encoder_of_other_classes(
 ) -> None:
     monkeypatch.chdir(workdir)
     cfg = load_config(workdir / "exp.yaml", ["model.init_from=other", "model.init_part=encoder"])
-    prepared = train_module.prepare(cfg)
+    prepared = resolve(cfg)
     assert prepared.cfg.model.init_from == str(workdir / "other")
 
 
 @pytest.mark.slow
-def test_train_starts_from_the_source_encoder(workdir: Path) -> None:
+def test_train_starts_from_the_source_encoder(workdir: Path, ray_session: None) -> None:
     """lr 1e-12: after two steps the parameters are still the initial ones, so the checkpoint
     shows where training started: the source's encoder, a fresh (seed 0) decoder."""
-    import ray
-
     cfg = load_config(workdir / "exp.yaml", [
         f"model.init_from={workdir / 'other'}", "model.init_part=encoder", "run.name=enc",
     ])
-    train_module.init_ray("local", num_cpus=2)
-    try:
-        result = train_module.train(cfg)
-    finally:
-        ray.shutdown()
+    result = train_module.train(cfg)
     assert result.iteration == 2
     trained = load_checkpoint(result.best_checkpoint)["model"]
     source = load_checkpoint(workdir / "other")["model"]

@@ -1,18 +1,13 @@
-"""WebDataset shards for segmentation: the writer, the manifest and the verifier.
-
-Layout (a contract with `data/stream.py`): `OUT/{split}-{000000..}.tar` holding, per sample,
-`{key}.image.jpg|png` (RGB), `{key}.mask.png` (8-bit ids, 255 = ignore) and `{key}.json`, plus
-`OUT/dataset.json` describing classes, palette, splits, shard checksums, image sizes and skipped
-samples. Readers trust only the manifest: a shard file it does not list does not exist for them.
+"""The shard writer (`segnext shards`): a source's samples into the shards data.manifest describes.
 
 Every sample is decoded and validated before it is written (bad data fails here, naming the
-file, not hours later in a training job). A run writes some splits into OUT and keeps the
-others: new shards go to hidden `.partial` files, are renamed to names the current manifest
-does not hold for other bytes, the manifest is replaced atomically (`os.replace`), and only
-then are the superseded shards of the written splits deleted. So no run, interrupted at any
-point (SIGKILL included), leaves a manifest that lists a missing or changed shard, and no run
-deletes a shard of a split it did not write. Output is byte-for-byte reproducible: fixed
-ordering, fixed tar metadata (webdataset's TarWriter with mtime 0), deterministic encoders.
+file, not hours later in training). A run writes some splits into OUT and keeps the others: new
+shards go to hidden `.partial` files, are renamed to names the current manifest does not hold
+for other bytes, the manifest is replaced atomically (`os.replace`), and only then are the
+superseded shards of the written splits deleted. So no run, interrupted at any point (SIGKILL
+included), leaves a manifest that lists a missing or changed shard, and no run deletes a shard
+of a split it did not write. Output is byte-for-byte reproducible: fixed ordering, fixed tar
+metadata (webdataset's TarWriter with mtime 0), deterministic encoders.
 """
 
 from __future__ import annotations
@@ -27,7 +22,6 @@ import os
 import re
 import signal
 import sys
-import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -36,14 +30,20 @@ from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
-import pyarrow.fs as pafs
 from PIL import Image
 from tqdm import tqdm
 
-from data.fs import s3_filesystem
+from data.manifest import (
+    IMAGE_FORMATS,
+    JSON_MEMBER,
+    MANIFEST_NAME,
+    MASK_MEMBER,
+    Manifest,
+    ManifestError,
+    load_manifest,
+)
 from data.sources.base import (
     IGNORE_INDEX,
     IMAGE_SUFFIXES,
@@ -55,11 +55,6 @@ from data.sources.base import (
     sanitize_key,
 )
 
-FORMAT = "segnext-shards/1"
-MANIFEST_NAME = "dataset.json"
-MASK_MEMBER = "mask.png"
-JSON_MEMBER = "json"
-IMAGE_FORMATS = ("jpg", "png")
 DEFAULT_SHARD_SIZE = 256
 PROBE_SAMPLES = 8  # samples encoded to turn --shard-bytes into samples per shard
 TAR_OVERHEAD = 1024  # header + padding per tar member, roughly
@@ -71,210 +66,12 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 WORKER_STOP_SECONDS = 10.0
 
 
-class ManifestError(DataError):
-    """A missing or malformed dataset.json."""
-
-
 class Interrupted(KeyboardInterrupt):
     """SIGINT, SIGTERM or SIGHUP while writing; the exit status is 128 + `signum`."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
-
-
-# ----------------------------------------------------------------------------- manifest
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """The parsed dataset.json; `root` is where it was read from (a local dir or a URI).
-
-    `splits` keeps the JSON structure: {split: {"num_samples", "shards": [{"path",
-    "num_samples", "bytes", "sha256"}], "skipped": [{"source", "reason"}], "image_size":
-    {"min": [h, w], "max": [h, w]}}}; "image_size" is absent in manifests written before it
-    was recorded, and for empty splits. Accessors taking `split` also take a list of splits.
-    """
-
-    name: str
-    classes: tuple[str, ...]
-    palette: tuple[tuple[int, int, int], ...]
-    ignore_index: int
-    image_format: str
-    splits: dict[str, dict]
-    class_pixel_counts: dict[str, list[int]]
-    root: str = ""
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    def split(self, split: str) -> dict:
-        """The split's entry; a clear error when the dataset has no such split."""
-        if split not in self.splits:
-            raise ManifestError(
-                f"{self.root}: no split '{split}' (has: {', '.join(self.splits)}). Fix: build "
-                f"it with `segnext shards ... --splits {split}` or pick an existing split."
-            )
-        return self.splits[split]
-
-    def _entries(self, split: str | Sequence[str]) -> list[dict]:
-        return [self.split(name) for name in ([split] if isinstance(split, str) else split)]
-
-    def shard_urls(self, split: str | Sequence[str]) -> list[str]:
-        """Full paths (local) or URIs (s3://, gs://) of the split's shards, in order."""
-        return [
-            join_root(self.root, shard["path"])
-            for entry in self._entries(split)
-            for shard in entry["shards"]
-        ]
-
-    def num_samples(self, split: str | Sequence[str]) -> int:
-        return sum(entry["num_samples"] for entry in self._entries(split))
-
-    def min_image_size(self, split: str | Sequence[str]) -> tuple[int, int] | None:
-        """(smallest height, smallest width) over the split's images (not necessarily of one
-        image); None when the manifest does not record sizes or the split is empty."""
-        return self._image_size(split, "min", min)
-
-    def max_image_size(self, split: str | Sequence[str]) -> tuple[int, int] | None:
-        """(largest height, largest width) over the split's images, or None as above."""
-        return self._image_size(split, "max", max)
-
-    def _image_size(
-        self, split: str | Sequence[str], which: str, pick: Callable
-    ) -> tuple[int, int] | None:
-        sizes = [entry.get("image_size") for entry in self._entries(split)]
-        if not sizes or any(size is None for size in sizes):
-            return None
-        return (pick(s[which][0] for s in sizes), pick(s[which][1] for s in sizes))
-
-    def to_dict(self) -> dict:
-        return {
-            "format": FORMAT,
-            "name": self.name,
-            "classes": list(self.classes),
-            "palette": [list(c) for c in self.palette],
-            "ignore_index": self.ignore_index,
-            "image_format": self.image_format,
-            "splits": self.splits,
-            "class_pixel_counts": self.class_pixel_counts,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping, root: str = "") -> Manifest:
-        """Parse and check the structure, so that a broken file fails here, by name."""
-        where = join_root(root, MANIFEST_NAME)
-        if not isinstance(data, Mapping) or data.get("format") != FORMAT:
-            found = data.get("format") if isinstance(data, Mapping) else type(data).__name__
-            raise ManifestError(
-                f"{where}: format {found!r}, expected {FORMAT!r}. Fix: rebuild the shards "
-                f"with `segnext shards`."
-            )
-        try:
-            return cls(
-                name=str(data["name"]),
-                classes=tuple(str(c) for c in data["classes"]),
-                palette=tuple(tuple(int(v) for v in c) for c in data["palette"]),
-                ignore_index=int(data["ignore_index"]),
-                image_format=str(data["image_format"]),
-                splits={str(split): _parse_split(info) for split, info in data["splits"].items()},
-                class_pixel_counts={
-                    str(k): [int(c) for c in v] for k, v in data["class_pixel_counts"].items()
-                },
-                root=root,
-            )
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as error:
-            raise ManifestError(
-                f"{where}: malformed manifest ({type(error).__name__}: {error}). Fix: rebuild "
-                f"the shards with `segnext shards`."
-            ) from None
-
-
-def _parse_split(info: Mapping) -> dict:
-    entry = {
-        "num_samples": int(info["num_samples"]),
-        "shards": [
-            {
-                "path": str(shard["path"]),
-                "num_samples": int(shard["num_samples"]),
-                "bytes": int(shard["bytes"]),
-                "sha256": str(shard["sha256"]),
-            }
-            for shard in info["shards"]
-        ],
-        "skipped": [dict(item) for item in info.get("skipped", [])],
-    }
-    if info.get("image_size") is not None:
-        size = info["image_size"]
-        entry["image_size"] = {
-            which: [int(size[which][0]), int(size[which][1])] for which in ("min", "max")
-        }
-    return entry
-
-
-def resolve_filesystem(root: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
-    """(pyarrow filesystem, path inside it) for a local dir or an s3:// / gs:// URI.
-
-    S3 gets an explicit region and the configured endpoint (`data.fs.s3_filesystem`).
-    """
-    text = os.fspath(root)
-    if text.startswith("s3://"):
-        return s3_filesystem(), text.removeprefix("s3://").rstrip("/")  # endpoint, region
-    if "://" in text:
-        filesystem, path = pafs.FileSystem.from_uri(text)
-        return filesystem, path.rstrip("/")
-    return pafs.LocalFileSystem(), os.path.abspath(text)
-
-
-def join_root(root: str, relative: str) -> str:
-    """`root/relative` for a URI or a local dir (kept as given, no normalisation of URIs)."""
-    return f"{root.rstrip('/')}/{relative}" if root else relative
-
-
-def load_manifest(root: str | os.PathLike) -> Manifest:
-    """Read `root/dataset.json` from a local dir or an s3:// / gs:// URI."""
-    text = os.fspath(root)
-    root_name = text.rstrip("/") if "://" in text else os.path.abspath(text)
-    filesystem, base = resolve_filesystem(text)
-    where = join_root(root_name, MANIFEST_NAME)
-    try:
-        with filesystem.open_input_stream(f"{base}/{MANIFEST_NAME}") as stream:
-            data = json.loads(stream.read())
-    except FileNotFoundError:
-        raise ManifestError(
-            f"{where}: not found. Fix: build shards with `segnext shards <source> --out "
-            f"{text}`, or point at the folder that holds {MANIFEST_NAME}."
-        ) from None
-    except (ValueError, UnicodeDecodeError) as error:
-        raise ManifestError(
-            f"{where}: not valid JSON ({error}). Fix: rebuild the shards."
-        ) from None
-    return Manifest.from_dict(data, root=root_name)
-
-
-# ----------------------------------------------------------------------------- reading
-
-
-def iter_tar_samples(stream: BinaryIO, url: str) -> Iterator[dict[str, object]]:
-    """Raw samples ({"__key__", "__url__", member suffix: bytes}) of one open shard stream.
-
-    The one tar reader of the verifier and the plain loader: webdataset's expander and key
-    grouping, so both read exactly what webdataset-based training code reads. Errors propagate
-    (tarfile.TarError, OSError, ValueError for a repeated member); `tar_error_text` words them.
-    """
-    from webdataset.tariterators import group_by_keys, tar_file_expander  # see _write_shard
-
-    yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
-
-
-def tar_error_text(error: BaseException) -> str:
-    """The reason of a tar read error without the stream reprs webdataset appends to args."""
-    text = str(error.args[0]) if error.args else type(error).__name__
-    return text.split(" @ ")[0]
-
-
-# ----------------------------------------------------------------------------- writing
 
 
 @dataclass(frozen=True)
@@ -900,192 +697,3 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
-
-
-# ----------------------------------------------------------------------------- verifying
-
-
-@dataclass(frozen=True)
-class VerifyReport:
-    root: str
-    num_shards: int
-    num_samples: int
-    problems: tuple[str, ...]
-    stopped_early: bool  # True when the problem limit was reached
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def line(self) -> str:
-        if self.ok:
-            return f"OK: {self.num_samples} samples in {self.num_shards} shards -> {self.root}"
-        more = " (stopped at the limit)" if self.stopped_early else ""
-        return f"FAILED: {len(self.problems)} problems{more} in {self.root}"
-
-
-class _Problems(list):
-    """A list of problem lines that knows when it has enough."""
-
-    def __init__(self, limit: int) -> None:
-        super().__init__()
-        self.limit = limit
-
-    @property
-    def full(self) -> bool:
-        return len(self) >= self.limit
-
-
-def verify(
-    root: str | os.PathLike, *, max_problems: int = 20, progress: bool = False
-) -> VerifyReport:
-    """Re-read every shard: size and sha256 against the manifest, every member decoded, mask
-    ids within the classes, sample and pixel counts as recorded."""
-    manifest = load_manifest(root)
-    filesystem, base = resolve_filesystem(os.fspath(root))
-    problems = _Problems(max_problems)
-    num_shards = num_samples = 0
-    all_shards = [
-        (split, shard) for split, info in manifest.splits.items() for shard in info["shards"]
-    ]
-    bar = tqdm(total=len(all_shards), unit="shard", desc="verify", disable=not progress)
-    for split, info in manifest.splits.items():
-        keys: set[str] = set()
-        sizes: list[tuple[int, int]] = []
-        counts = np.zeros(manifest.num_classes, np.int64)
-        readable = True
-        for shard in info["shards"]:
-            if problems.full:
-                break
-            result = _verify_shard(
-                filesystem, f"{base}/{shard['path']}", shard, manifest, keys, sizes, problems
-            )
-            bar.update(1)
-            num_shards += 1
-            if result is None:
-                readable = False
-                continue
-            num_samples += shard["num_samples"]
-            counts += result
-        if problems.full:
-            break
-        recorded = sum(shard["num_samples"] for shard in info["shards"])
-        if recorded != info["num_samples"]:
-            problems.append(
-                f"split {split}: shards hold {recorded} samples, manifest says {info['num_samples']}"
-            )
-        expected_counts = manifest.class_pixel_counts.get(split)
-        if readable and expected_counts is not None and counts.tolist() != list(expected_counts):
-            problems.append(f"split {split}: class pixel counts differ from the manifest")
-        recorded_size = info.get("image_size")
-        if readable and sizes and recorded_size is not None:
-            found = {
-                "min": [min(h for h, _ in sizes), min(w for _, w in sizes)],
-                "max": [max(h for h, _ in sizes), max(w for _, w in sizes)],
-            }
-            if found != recorded_size:
-                problems.append(
-                    f"split {split}: image sizes (h, w) {found} differ from the manifest's "
-                    f"{recorded_size}"
-                )
-    bar.close()
-    return VerifyReport(
-        root=manifest.root,
-        num_shards=num_shards,
-        num_samples=num_samples,
-        problems=tuple(problems[:max_problems]),
-        stopped_early=problems.full,
-    )
-
-
-def _verify_shard(
-    filesystem: pafs.FileSystem,
-    path: str,
-    shard: dict,
-    manifest: Manifest,
-    keys: set[str],
-    sizes: list[tuple[int, int]],
-    problems: _Problems,
-) -> np.ndarray | None:
-    """Check one shard; returns its class pixel counts, or None if some sample was unreadable.
-    Adds the (h, w) of each good sample to `sizes`."""
-    name = shard["path"]
-    try:
-        with filesystem.open_input_stream(path) as stream:
-            data = stream.read()
-    except (FileNotFoundError, OSError) as error:
-        problems.append(f"{name}: cannot read ({error})")
-        return None
-    if len(data) != shard["bytes"]:
-        problems.append(f"{name}: {len(data)} bytes, manifest says {shard['bytes']}")
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != shard["sha256"]:
-        problems.append(
-            f"{name}: sha256 {digest[:16]}... differs from the manifest's "
-            f"{shard['sha256'][:16]}... (the file changed since it was written)"
-        )
-    counts = np.zeros(manifest.num_classes, np.int64)
-    samples, complete = 0, True
-    try:
-        for sample in iter_tar_samples(io.BytesIO(data), name):
-            key = str(sample["__key__"])
-            members = {k: v for k, v in sample.items() if not k.startswith("__")}
-            samples += 1
-            if key in keys:
-                problems.append(f"{name}: {key}: key appears twice in the split")
-            keys.add(key)
-            checked = _check_sample(f"{name}: {key}", members, manifest, problems)
-            if checked is None:
-                complete = False
-            else:
-                counts += checked[0]
-                sizes.append(checked[1])
-            if problems.full:
-                return None
-    except (tarfile.TarError, EOFError, OSError, ValueError) as error:
-        problems.append(f"{name}: unreadable tar after {samples} samples ({tar_error_text(error)})")
-        return None
-    if samples != shard["num_samples"]:
-        problems.append(f"{name}: {samples} samples, manifest says {shard['num_samples']}")
-    return counts if complete else None
-
-
-def _check_sample(
-    where: str, members: dict[str, bytes], manifest: Manifest, problems: _Problems
-) -> tuple[np.ndarray, tuple[int, int]] | None:
-    """Decode one sample's members; append problems; return its class pixel counts and (h, w)."""
-    image_member = f"image.{manifest.image_format}"
-    expected = {image_member, MASK_MEMBER, JSON_MEMBER}
-    if set(members) != expected:
-        problems.append(f"{where}: members {sorted(members)}, expected {sorted(expected)}")
-        return None
-    try:
-        image = _decode(members[image_member])
-        mask = _decode(members[MASK_MEMBER])
-        meta = json.loads(members[JSON_MEMBER])
-    except (OSError, SyntaxError, ValueError) as error:
-        problems.append(f"{where}: cannot decode ({error})")
-        return None
-    if image.mode != "RGB" or mask.mode != "L":
-        problems.append(f"{where}: image mode {image.mode} / mask mode {mask.mode}, need RGB / L")
-        return None
-    if mask.size != image.size or (meta.get("width"), meta.get("height")) != image.size:
-        problems.append(
-            f"{where}: sizes differ: image {image.size}, mask {mask.size}, "
-            f"json {(meta.get('width'), meta.get('height'))} (width, height)"
-        )
-        return None
-    ids = np.asarray(mask)
-    bad = np.unique(ids[(ids >= manifest.num_classes) & (ids != manifest.ignore_index)])
-    if bad.size:
-        problems.append(
-            f"{where}: mask ids {bad.tolist()[:10]} outside 0..{manifest.num_classes - 1}"
-        )
-        return None
-    return np.bincount(ids.ravel(), minlength=256)[: manifest.num_classes], ids.shape
-
-
-def _decode(data: bytes) -> Image.Image:
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image
