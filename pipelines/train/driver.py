@@ -25,8 +25,8 @@ from pipelines.cluster import WORKER_ENV, init_ray
 from pipelines.config import ConfigError, ExperimentConfig, to_dict, to_yaml
 from pipelines.console import current_log, log_only
 from pipelines.metric_names import SCORE
+from pipelines.tracking import registry
 from pipelines.tracking import training as tracking
-from pipelines.tracking.registry import register_checkpoint
 from pipelines.train.loop import WorkerArgs, train_loop_per_worker
 from pipelines.train.resolve import ResolvedRun, resolve
 
@@ -161,7 +161,7 @@ def _finish(run: ResolvedRun, record: tracking.TrainingRecord, result: Any) -> T
                          log_file=current_log())
     version = None
     if cfg.registry.register and best_path is not None:
-        version = str(register_checkpoint(best_path, run_id=record.run_id,
+        version = str(registry.register_checkpoint(best_path, run_id=record.run_id,
                                           tracking_uri=record.tracking_uri,
                                           registry_name=cfg.registry.name).version)
         print(f"[segnext] registered {cfg.registry.name} version {version}", flush=True)

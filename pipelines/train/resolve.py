@@ -93,8 +93,8 @@ def resolve(
     cfg = replace(cfg, run=replace(cfg.run, name=name, storage_path=storage))
     storage_env = configure_endpoint(cfg.storage.endpoint)
     root = _absolute(cfg.data.root)
-    preflight(root, storage)  # endpoint, bucket, credentials: before any worker starts
     _check_run_folder(cfg, exists_already)
+    preflight(root, storage)  # endpoint, bucket, credentials: before any worker starts
     manifest = _read_manifest(root)
     cfg = replace(cfg, data=replace(cfg.data, root=root))
     _check_splits(cfg, manifest)

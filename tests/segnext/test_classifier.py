@@ -148,3 +148,23 @@ def test_integrate_on_candidates_equals_the_masked_all_class_softmax(top_k):
     assert index.shape == (2, top_k, 5, 7)
     assert (log_probs[~candidates] == MASKED_LOGIT).all()
     assert integrate(general, refine, None)[1] is None
+
+
+def test_decision_rules_predict_from_the_named_parts():
+    from segnext.classifier import DECISIONS, IntegratedClassifier, integrate
+
+    torch.manual_seed(0)
+    general, refine = torch.randn(2, 6, 4, 5), torch.randn(2, 6, 4, 5)
+    product, index = integrate(general, refine, 3)
+    assert torch.equal(integrate(general, refine, 3, "product")[0], product)  # the default
+    only_general, _ = integrate(general, refine, 3, "general")
+    assert torch.equal(only_general.argmax(1), general.argmax(1))  # all K classes, g alone
+    only_refine, _ = integrate(general, refine, 3, "refine")
+    candidates = refine.gather(1, index)  # r alone, among the general top-3
+    assert torch.equal(only_refine.argmax(1), index.gather(1, candidates.argmax(1, keepdim=True))[:, 0])
+    for log_probs in (only_general, only_refine):
+        assert torch.allclose(log_probs.exp().sum(1), torch.ones(2, 4, 5), atol=1e-5)
+    head = IntegratedClassifier(8, 6, decision="general").eval()
+    assert head.decision == "general" and set(DECISIONS) == {"product", "general", "refine"}
+    with pytest.raises(ValueError, match="decision must be one of"):
+        IntegratedClassifier(8, 6, decision="vote")
