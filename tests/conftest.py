@@ -17,6 +17,13 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without CUDA the fused MSCA kernels run in Triton's interpreter, and Triton takes the mode
+# when `triton` is first imported: set it before any test (tests/pipelines builds FusedMSCA
+# models) imports it, or tests/segnext/test_fast.py meets kernels compiled for no device.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # The tiny CPU experiment of the pipeline tests: SegNeXt-tiny on 64x64 crops, 6 iterations of
 # global batch 8 on 2 Ray workers, a validation and a checkpoint every 2 iterations, MLflow in
