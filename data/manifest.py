@@ -36,8 +36,9 @@ class Manifest:
 
     `splits` keeps the JSON structure: {split: {"num_samples", "shards": [{"path",
     "num_samples", "bytes", "sha256"}], "skipped": [{"source", "reason"}], "image_size":
-    {"min": [h, w], "max": [h, w]}}}; "image_size" is absent in manifests written before it
-    was recorded, and for empty splits. Accessors taking `split` also take a list of splits.
+    {"min": [h, w], "max": [h, w]}, "index": {"path", "bytes", "sha256"}}}; "image_size" and
+    "index" (`data.shard_index`) are absent in manifests written before they were recorded,
+    and for empty splits. Accessors taking `split` also take a list of splits.
     """
 
     name: str
@@ -149,6 +150,10 @@ def _parse_split(info: Mapping) -> dict:
         ],
         "skipped": [dict(item) for item in info.get("skipped", [])],
     }
+    if info.get("index") is not None:  # absent in manifests written before indexes
+        index = info["index"]
+        entry["index"] = {"path": str(index["path"]), "bytes": int(index["bytes"]),
+                          "sha256": str(index["sha256"])}
     if info.get("image_size") is not None:
         size = info["image_size"]
         entry["image_size"] = {

@@ -1,21 +1,19 @@
 """Where every training sample lives: shard, key, and the byte range of its image and mask.
 
 The batch plan (`data.plan`) picks samples by number, in a global order that does not depend on
-how shards are read, so readers need random access to single samples. Tar members are stored
-contiguously after a 512-byte header; scanning the headers once (seeking past the data, so a
-shard costs one small read per member) gives every member's offset and size. The driver builds
-the index before any worker starts: a shard that is missing, unreadable or holds other samples
-than the manifest says fails there, naming the shard (or, under `on_error="skip"`, is left out
-and counted).
+how shards are read, so readers need random access to single samples. The driver builds this
+index before any worker starts, from each split's index file (`data.shard_index`: one read per
+split, whatever its size) and one stat per shard (many at once): a shard that is missing, cut
+short or disagrees with the manifest fails there, naming the shard (or, under
+`on_error="skip"`, is left out and counted).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import re
-import tarfile
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -24,15 +22,13 @@ from pyarrow import fs as pafs
 
 from data.manifest import Manifest, join_root
 from data.samples import FIX_HINT, SampleReadError
+from data.shard_index import SCAN_THREADS, load_split_index
 from data.storage import resolve_filesystem
 
 logger = logging.getLogger(__name__)
 
 Verify = Literal["size", "sha256", "none"]
 
-# webdataset's key rule: the key is the path up to the first dot of the file name.
-_KEY_SUFFIX = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
-MASK_MEMBER = "mask.png"
 
 
 def split_label(split: str | Sequence[str]) -> str:
@@ -64,6 +60,8 @@ class ShardFile:
     path: str  # inside `filesystem` (no scheme)
     url: str  # what errors name: a local path or the full URI
     num_samples: int
+    split: str = ""
+    position: int = 0  # in the split's shard list (the index's `shard` column)
 
 
 def checked_shards(
@@ -74,25 +72,34 @@ def checked_shards(
     record: Callable[[list[dict]], None] | None = None,
 ) -> tuple[list[ShardFile], pafs.FileSystem]:
     """(shards, filesystem) of `split` (one split or several, in order) whose files match the
-    manifest (size, or sha256 too). A mismatch raises `SampleReadError` naming the shard, or,
-    with a `record` callback (skip mode), drops the shard and records its samples there."""
+    manifest (size, or sha256 too; SCAN_THREADS checked at once, one stat each). A mismatch
+    raises `SampleReadError` naming the shard, or, with a `record` callback (skip mode), drops
+    the shard and records its samples there."""
     filesystem, base = resolve_filesystem(manifest.root)
     splits = [split] if isinstance(split, str) else list(split)
+    shards = [
+        ShardFile(f"{base}/{entry['path']}", join_root(manifest.root, entry["path"]),
+                  int(entry["num_samples"]), name, position)
+        for name in splits for position, entry in enumerate(manifest.split(name)["shards"])
+    ]
+    entries = [manifest.split(shard.split)["shards"][shard.position] for shard in shards]
+    if verify == "none":
+        problems = [""] * len(shards)
+    else:
+        with ThreadPoolExecutor(SCAN_THREADS) as pool:
+            problems = list(pool.map(lambda pair: _shard_problem(filesystem, pair[0].path,
+                                                                 pair[1], verify),
+                                     zip(shards, entries, strict=True)))
     good = []
-    for name in splits:
-        for entry in manifest.split(name)["shards"]:
-            path = f"{base}/{entry['path']}"
-            url = join_root(manifest.root, entry["path"])
-            problem = "" if verify == "none" else _shard_problem(filesystem, path, entry, verify)
-            if not problem:
-                good.append(ShardFile(path, url, int(entry["num_samples"])))
-                continue
-            if record is None:
-                raise SampleReadError(f"{url}: shard {problem}; {FIX_HINT}")
-            logger.warning("skipping shard %s (%s, %d samples)", url, problem,
-                           entry["num_samples"])
-            record([{"shard": url, "key": "*", "reason": problem,
-                     "samples": entry["num_samples"]}])
+    for shard, problem in zip(shards, problems, strict=True):
+        if not problem:
+            good.append(shard)
+            continue
+        if record is None:
+            raise SampleReadError(f"{shard.url}: shard {problem}; {FIX_HINT}")
+        logger.warning("skipping shard %s (%s, %d samples)", shard.url, problem, shard.num_samples)
+        record([{"shard": shard.url, "key": "*", "reason": problem,
+                 "samples": shard.num_samples}])
     if not good:
         raise SampleReadError(
             f"{manifest.root}: no readable shard left in split '{split_label(split)}'"
@@ -102,12 +109,16 @@ def checked_shards(
 
 @dataclass(frozen=True)
 class SampleIndex:
-    """Column arrays, one entry per sample, in manifest order (splits, shards, tar order)."""
+    """Column arrays, one entry per sample, in manifest order (splits, shards, tar order).
 
-    shard_paths: tuple[str, ...]  # inside `filesystem`
-    shard_urls: tuple[str, ...]  # what errors name
+    Arrays rather than Python lists: a million samples hold about 110 MB here (keys the most)
+    and `rows` costs what it selects, not what the index holds."""
+
+    shard_paths: np.ndarray  # object: paths inside `filesystem`
+    shard_urls: np.ndarray  # object: what errors name
+    shard_bytes: np.ndarray  # int64 per shard (the cache's unit)
     shard: np.ndarray  # int32 index into shard_paths
-    keys: tuple[str, ...]
+    keys: np.ndarray  # object
     image_at: np.ndarray  # int64 byte offset of the image member's data
     image_bytes: np.ndarray
     mask_at: np.ndarray
@@ -122,9 +133,10 @@ class SampleIndex:
         """The columns readers need for `samples` (sample numbers), as arrays."""
         shard = self.shard[samples]
         return {
-            "shard": np.asarray(self.shard_paths, dtype=object)[shard],
-            "url": np.asarray(self.shard_urls, dtype=object)[shard],
-            "key": np.asarray(self.keys, dtype=object)[samples],
+            "shard": self.shard_paths[shard],
+            "url": self.shard_urls[shard],
+            "shard_bytes": self.shard_bytes[shard],
+            "key": self.keys[samples],
             "image_at": self.image_at[samples],
             "image_bytes": self.image_bytes[samples],
             "mask_at": self.mask_at[samples],
@@ -137,82 +149,52 @@ def build_sample_index(
     splits: str | Sequence[str],
     *,
     skip: bool = False,
-    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[SampleIndex, pafs.FileSystem]:
     """Index the samples of `splits` (read in order, as one). `skip`: shards that are missing,
     damaged or disagree with the manifest are left out and counted in `SampleIndex.skipped`
     instead of raising `SampleReadError`."""
+    names = [splits] if isinstance(splits, str) else list(splits)
     skipped: list[int] = []
     record = (lambda entries: skipped.extend(int(e["samples"]) for e in entries)) if skip else None
-    shards, filesystem = checked_shards(manifest, splits, record=record)
+    shards, filesystem = checked_shards(manifest, names, record=record)
+    _, base = resolve_filesystem(manifest.root)
     image_member = f"image.{manifest.image_format}"
-    columns: dict[str, list] = {name: [] for name in ("shard", "keys", "image_at", "image_bytes",
-                                                       "mask_at", "mask_bytes")}
-    paths, urls = [], []
-    for number, shard in enumerate(shards):
-        try:
-            members = _tar_members(filesystem, shard.path, shard.url)
-            entries = _samples_of(members, shard.url, image_member)
-            if len(entries) != shard.num_samples:
-                raise SampleReadError(
-                    f"{shard.url}: shard holds {len(entries)} samples, manifest says "
-                    f"{shard.num_samples}; {FIX_HINT}"
-                )
-        except SampleReadError:
+    good = {(shard.split, shard.position): shard for shard in shards}
+    kept: list[ShardFile] = []
+    pieces: list[dict[str, np.ndarray]] = []
+    for name in names:
+        table, problems = load_split_index(manifest, name, filesystem, base, image_member)
+        for position, error in problems.items():
+            if (name, position) not in good:
+                continue  # already left out (and counted) by the stat check
             if not skip:
-                raise
-            skipped.append(shard.num_samples)
-            continue
-        paths.append(shard.path)
-        urls.append(shard.url)
-        for key, image, mask in entries:
-            columns["shard"].append(len(paths) - 1)
-            columns["keys"].append(key)
-            columns["image_at"].append(image[0])
-            columns["image_bytes"].append(image[1])
-            columns["mask_at"].append(mask[0])
-            columns["mask_bytes"].append(mask[1])
-        if progress is not None:
-            progress(number + 1, len(shards))
-    if not columns["keys"]:
+                raise error
+            logger.warning("skipping shard: %s", error)
+            skipped.append(good.pop((name, position)).num_samples)
+        columns = {column: table.column(column).to_numpy() for column in table.column_names}
+        renumber = np.full(len(manifest.split(name)["shards"]), -1, dtype=np.int32)
+        for position in range(len(renumber)):
+            if (name, position) in good:
+                renumber[position] = len(kept)
+                kept.append(good[(name, position)])
+        shard = renumber[columns["shard"]] if len(columns["shard"]) else columns["shard"]
+        keep = shard >= 0
+        pieces.append({**{column: values[keep] for column, values in columns.items()},
+                       "shard": shard[keep]})
+    joined = {column: np.concatenate([piece[column] for piece in pieces])
+              for column in pieces[0]}
+    if not len(joined["key"]):
         raise SampleReadError(f"{manifest.root}: no readable sample left in {splits!r}; {FIX_HINT}")
-    as_int64 = {name: np.asarray(columns[name], dtype=np.int64)
-                for name in ("image_at", "image_bytes", "mask_at", "mask_bytes")}
     index = SampleIndex(
-        shard_paths=tuple(paths), shard_urls=tuple(urls),
-        shard=np.asarray(columns["shard"], dtype=np.int32), keys=tuple(columns["keys"]),
-        image_member=image_member, skipped=sum(skipped), **as_int64,
+        shard_paths=np.asarray([shard.path for shard in kept], dtype=object),
+        shard_urls=np.asarray([shard.url for shard in kept], dtype=object),
+        shard_bytes=np.asarray([manifest.split(shard.split)["shards"][shard.position]["bytes"]
+                                for shard in kept], dtype=np.int64),
+        shard=joined["shard"].astype(np.int32), keys=joined["key"].astype(object),
+        image_at=joined["image_at"].astype(np.int64),
+        image_bytes=joined["image_bytes"].astype(np.int64),
+        mask_at=joined["mask_at"].astype(np.int64),
+        mask_bytes=joined["mask_bytes"].astype(np.int64),
+        image_member=image_member, skipped=sum(skipped),
     )
     return index, filesystem
-
-
-def _tar_members(filesystem: pafs.FileSystem, path: str, url: str) -> list[tarfile.TarInfo]:
-    """The regular-file members of one tar, from its headers alone."""
-    try:
-        with filesystem.open_input_file(path) as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
-            return [member for member in tar.getmembers() if member.isfile()]
-    except (tarfile.TarError, OSError, EOFError) as error:
-        raise SampleReadError(f"{url}: shard is unreadable ({error}); {FIX_HINT}") from error
-
-
-def _samples_of(
-    members: list[tarfile.TarInfo], url: str, image_member: str
-) -> list[tuple[str, tuple[int, int], tuple[int, int]]]:
-    """(key, (image offset, size), (mask offset, size)) per sample, in tar order."""
-    grouped: dict[str, dict[str, tuple[int, int]]] = {}
-    for member in members:
-        match = _KEY_SUFFIX.match(member.name)
-        if match is None:
-            continue
-        key, suffix = match.groups()
-        parts = grouped.setdefault(key, {})
-        if suffix in parts:
-            raise SampleReadError(f"{url}: sample '{key}' repeats member '{suffix}'; {FIX_HINT}")
-        parts[suffix] = (member.offset_data, member.size)
-    entries = []
-    for key, parts in grouped.items():
-        for needed in (image_member, MASK_MEMBER):
-            if needed not in parts:
-                raise SampleReadError(f"{url}: sample '{key}' has no '{needed}' member; {FIX_HINT}")
-        entries.append((key, parts[image_member], parts[MASK_MEMBER]))
-    return entries

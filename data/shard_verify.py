@@ -16,6 +16,7 @@ import tarfile
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 from PIL import Image
 from tqdm import tqdm
@@ -28,6 +29,8 @@ from data.manifest import (
     load_manifest,
     tar_error_text,
 )
+from data.samples import SampleReadError
+from data.shard_index import SampleEntry, index_table, load_split_index, scan_members
 from data.storage import resolve_filesystem
 
 
@@ -80,11 +83,13 @@ def verify(
         sizes: list[tuple[int, int]] = []
         counts = np.zeros(manifest.num_classes, np.int64)
         readable = True
+        scanned: list[list[SampleEntry] | None] = []
         for shard in info["shards"]:
             if problems.full:
                 break
             result = _verify_shard(
-                filesystem, f"{base}/{shard['path']}", shard, manifest, keys, sizes, problems
+                filesystem, f"{base}/{shard['path']}", shard, manifest, keys, sizes, problems,
+                scanned,
             )
             bar.update(1)
             num_shards += 1
@@ -95,6 +100,7 @@ def verify(
             counts += result
         if problems.full:
             break
+        _check_index(manifest, split, filesystem, base, scanned, problems)
         recorded = sum(shard["num_samples"] for shard in info["shards"])
         if recorded != info["num_samples"]:
             problems.append(
@@ -132,16 +138,23 @@ def _verify_shard(
     keys: set[str],
     sizes: list[tuple[int, int]],
     problems: _Problems,
+    scanned: list[list[SampleEntry] | None],
 ) -> np.ndarray | None:
     """Check one shard; returns its class pixel counts, or None if some sample was unreadable.
-    Adds the (h, w) of each good sample to `sizes`."""
+    Adds the (h, w) of each good sample to `sizes` and the shard's tar index to `scanned`
+    (None where its headers do not parse)."""
     name = shard["path"]
     try:
         with filesystem.open_input_stream(path) as stream:
             data = stream.read()
     except (FileNotFoundError, OSError) as error:
         problems.append(f"{name}: cannot read ({error})")
+        scanned.append(None)
         return None
+    try:
+        scanned.append(scan_members(io.BytesIO(data), name, f"image.{manifest.image_format}"))
+    except SampleReadError:
+        scanned.append(None)  # the member walk below names what is wrong
     if len(data) != shard["bytes"]:
         problems.append(f"{name}: {len(data)} bytes, manifest says {shard['bytes']}")
     digest = hashlib.sha256(data).hexdigest()
@@ -174,6 +187,35 @@ def _verify_shard(
     if samples != shard["num_samples"]:
         problems.append(f"{name}: {samples} samples, manifest says {shard['num_samples']}")
     return counts if complete else None
+
+
+def _check_index(
+    manifest: Manifest,
+    split: str,
+    filesystem: pafs.FileSystem,
+    base: str,
+    scanned: list[list[SampleEntry] | None],
+    problems: _Problems,
+) -> None:
+    """The split's index file (named by the manifest) matches the tars, row by row."""
+    named = manifest.split(split).get("index")
+    if named is None:  # written before indexes: readers scan and cache one
+        return
+    shards = manifest.split(split)["shards"]
+    try:
+        table, _ = load_split_index(manifest, split, filesystem, base,
+                                    f"image.{manifest.image_format}")
+    except (SampleReadError, FileNotFoundError) as error:
+        problems.append(f"{named['path']}: {error}")
+        return
+    for number, (shard, entries) in enumerate(zip(shards, scanned, strict=False)):
+        if entries is None:
+            continue
+        rows = table.filter(pc.equal(table.column("shard"), number))
+        expected = index_table([entries], [shard]).drop_columns(["shard"])
+        if not rows.drop_columns(["shard"]).equals(expected.replace_schema_metadata(None)):
+            problems.append(f"{named['path']}: offsets of {shard['path']} differ from the tar's "
+                            "headers; rewrite the split with `segnext shards`")
 
 
 def _check_sample(

@@ -15,7 +15,6 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import hashlib
-import io
 import json
 import multiprocessing
 import os
@@ -32,17 +31,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from data.manifest import (
     IMAGE_FORMATS,
     JSON_MEMBER,
     MANIFEST_NAME,
-    MASK_MEMBER,
     Manifest,
     ManifestError,
     load_manifest,
+)
+from data.sample_encoding import EncodeOptions, encode_sample
+from data.shard_index import (
+    SampleEntry,
+    index_file_name,
+    index_file_pattern,
+    index_table,
+    scan_members,
+    table_bytes,
 )
 from data.sources.base import (
     IGNORE_INDEX,
@@ -75,12 +81,6 @@ class Interrupted(KeyboardInterrupt):
 
 
 @dataclass(frozen=True)
-class EncodeOptions:
-    image_format: str = "jpg"  # "jpg" (re-encoded) or "png" (lossless)
-    jpeg_quality: int = 95
-
-
-@dataclass(frozen=True)
 class _ShardTask:
     """One unit of parallel work: encode `samples` into the tar at `temp_path`."""
 
@@ -105,6 +105,7 @@ class _ShardResult:
     skipped: tuple[dict[str, str], ...]
     min_size: tuple[int, int] | None  # (h, w), elementwise over the shard's images
     max_size: tuple[int, int] | None
+    entries: tuple[SampleEntry, ...] = ()  # the shard's sample index (data.shard_index)
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ class WriteSummary:
     out: str
     seconds: float
     written: tuple[str, ...]
+    removed: tuple[str, ...] = ()  # splits of a different dataset that --overwrite replaced
 
     def _entries(self) -> list[dict]:
         return [self.manifest.splits[split] for split in self.written]
@@ -141,41 +143,13 @@ class WriteSummary:
 
     def line(self) -> str:
         kept = f" (kept splits: {', '.join(self.kept)})" if self.kept else ""
+        removed = (f" (removed the previous dataset's splits: {', '.join(self.removed)})"
+                   if self.removed else "")
         return (
             f"{self.num_samples} samples, {self.num_shards} shards, "
             f"{self.num_bytes / 1e6:.1f} MB, {len(self.skipped)} skipped, "
-            f"{self.seconds:.1f} s -> {self.out} [{', '.join(self.written)}]{kept}"
+            f"{self.seconds:.1f} s -> {self.out} [{', '.join(self.written)}]{kept}{removed}"
         )
-
-
-def encode_sample(
-    source: Source, sample: Sample, options: EncodeOptions
-) -> tuple[dict[str, bytes], np.ndarray]:
-    """Tar members (name after the key -> bytes) and per-class pixel counts of one sample."""
-    loaded = source.load(sample)
-    if options.image_format == "png":
-        image_bytes = loaded.rgb_png or _encode(loaded.image, "PNG")
-    else:
-        image_bytes = _encode(loaded.image, "JPEG", quality=options.jpeg_quality)
-    meta = {
-        "source": sample.image,
-        "mask_source": sample.mask,
-        "height": loaded.image.height,
-        "width": loaded.image.width,
-    }
-    members = {
-        f"image.{options.image_format}": image_bytes,
-        MASK_MEMBER: _encode(Image.fromarray(loaded.mask), "PNG"),
-        JSON_MEMBER: json.dumps(meta).encode(),
-    }
-    counts = np.bincount(loaded.mask.ravel(), minlength=256)[: len(source.classes)]
-    return members, counts
-
-
-def _encode(image: Image.Image, image_format: str, **params: int) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=image_format, **params)
-    return buffer.getvalue()
 
 
 # Shard files this process wrote or is writing, for the worker's signal handler: once the
@@ -221,11 +195,13 @@ def _write_shard(task: _ShardTask) -> _ShardResult:
     except BaseException:
         Path(task.temp_path).unlink(missing_ok=True)
         raise
-    size, digest = 0, ""
+    size, digest, entries = 0, "", []
     if sizes:
         size = os.path.getsize(task.temp_path)
         with open(task.temp_path, "rb") as file:
             digest = hashlib.file_digest(file, "sha256").hexdigest()
+            file.seek(0)  # the index, from the headers just written (the page cache has them)
+            entries = scan_members(file, task.temp_path, f"image.{task.options.image_format}")
     else:
         Path(task.temp_path).unlink()
     heights, widths = [h for h, _ in sizes], [w for _, w in sizes]
@@ -240,6 +216,7 @@ def _write_shard(task: _ShardTask) -> _ShardResult:
         skipped=tuple(skipped),
         min_size=(min(heights), min(widths)) if sizes else None,
         max_size=(max(heights), max(widths)) if sizes else None,
+        entries=tuple(entries),
     )
 
 
@@ -401,8 +378,10 @@ def write_shards(
 ) -> WriteSummary:
     """Write `source`'s splits as shards into `out` (a local dir) and record them in its manifest.
 
-    Splits already in `out` that this run does not write are kept; a different dataset there is
-    refused unless `overwrite` (which replaces the whole dataset). `shard_bytes`, when given,
+    Splits already in `out` that this run does not write are kept (with or without
+    `overwrite`: rewriting one split of a dataset never deletes the others); a different dataset
+    there is refused unless `overwrite`, which replaces the whole dataset and lists the splits it
+    removed in the summary. `shard_bytes`, when given,
     replaces `shard_size` by an estimate from the first samples. `limit` keeps the first N
     samples of each split (or per split, from a mapping). A split without samples (none found,
     or all skipped) is an error unless `allow_empty`. On any error or signal no new shard and no
@@ -427,8 +406,10 @@ def write_shards(
 
     with _exclusive(out_dir), _stop_signals_raise() as signals:
         previous = _previous_manifest(out_dir, overwrite)
-        if previous is not None and not overwrite:
-            _check_same_dataset(previous, source, image_format, out_dir)
+        differences = [] if previous is None else _differences(previous, source, image_format)
+        if differences and not overwrite:
+            _refuse_other_dataset(previous, differences, out_dir)
+        replace_all = bool(differences)  # --overwrite of a different dataset
         _remove_partials(out_dir)
         tasks: list[_ShardTask] = []
         try:
@@ -443,12 +424,13 @@ def write_shards(
                 _check_not_empty(splits, results)
             signals.defer = True
             manifest = _commit(out_dir, source, splits, results, image_format, previous,
-                               overwrite)  # fmt: skip
+                               replace_all)  # fmt: skip
         except BaseException:
             for task in tasks:
                 Path(task.temp_path).unlink(missing_ok=True)
             raise
-    return WriteSummary(manifest, str(out_dir), time.perf_counter() - started, splits)
+    removed = tuple(previous.splits) if replace_all else ()
+    return WriteSummary(manifest, str(out_dir), time.perf_counter() - started, splits, removed)
 
 
 def _plan(
@@ -549,8 +531,8 @@ def _short(names: Sequence) -> str:
     return f"[{listed}{', ...' if len(names) > 6 else ''}] ({len(names)})"
 
 
-def _check_same_dataset(previous: Manifest, source: Source, image_format: str, out: Path) -> None:
-    """Refuse to mix two datasets (or two image formats) in one manifest."""
+def _differences(previous: Manifest, source: Source, image_format: str) -> list[str]:
+    """How the dataset in the folder differs from the one this run writes (none: the same)."""
     palette = tuple(tuple(int(v) for v in c) for c in source.palette)
     differences = []
     if previous.name != source.name:
@@ -565,6 +547,11 @@ def _check_same_dataset(previous: Manifest, source: Source, image_format: str, o
         differences.append(
             f"images stored as {previous.image_format} vs {image_format} (--lossless)"
         )
+    return differences
+
+
+def _refuse_other_dataset(previous: Manifest, differences: list[str], out: Path) -> None:
+    """Two datasets (or two image formats) never mix in one manifest."""
     if differences:
         raise DataError(
             f"{out} already holds dataset '{previous.name}' (splits: "
@@ -603,11 +590,12 @@ def _commit(
     results: list[_ShardResult],
     image_format: str,
     previous: Manifest | None,
-    overwrite: bool,
+    replace_all: bool,
 ) -> Manifest:
     """Move finished shards to free final names, replace the manifest atomically, then delete
-    the shards it no longer lists, of the splits this run replaced only."""
-    kept = {} if previous is None or overwrite else previous.splits
+    the shards it no longer lists, of the splits this run replaced only (`replace_all`: every
+    split of the previous, different dataset)."""
+    kept = {} if previous is None or replace_all else previous.splits
     held = {} if previous is None else {
         shard["path"]: shard["sha256"] for info in previous.splits.values()
         for shard in info["shards"]
@@ -633,6 +621,8 @@ def _commit(
             "shards": shards,
             "skipped": [s for r in mine for s in r.skipped],
         }
+        if shards:
+            written[split]["index"] = _write_index(out, split, shards, mine)
         sized = [r for r in mine if r.num_samples]
         if sized:
             written[split]["image_size"] = {
@@ -667,9 +657,23 @@ def _commit(
         os.fsync(file.fileno())
     os.replace(temp, out / MANIFEST_NAME)
     _fsync_dir(out)
-    replaced = set(splits) | (set(previous.splits) if previous is not None and overwrite else set())
+    replaced = set(splits) | (set(previous.splits) if previous is not None and replace_all
+                              else set())
     _remove_superseded(out, manifest, previous, replaced)
     return manifest
+
+
+def _write_index(out: Path, split: str, shards: list[dict], mine: list[_ShardResult]) -> dict:
+    """Write the split's index file (fsynced; named by its sha256) and return its entry."""
+    table = index_table([r.entries for r in mine if r.num_samples], shards)
+    data = table_bytes(table)
+    digest = hashlib.sha256(data).hexdigest()
+    name = index_file_name(split, digest)
+    with open(out / name, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    return {"path": name, "bytes": len(data), "sha256": digest}
 
 
 def _remove_superseded(
@@ -678,11 +682,13 @@ def _remove_superseded(
     """Delete shards of the `replaced` splits that `manifest` does not list: those the previous
     manifest listed, and leftovers of killed runs (shard names of those splits)."""
     listed = {shard["path"] for info in manifest.splits.values() for shard in info["shards"]}
+    listed |= {info["index"]["path"] for info in manifest.splits.values() if "index" in info}
     superseded = set() if previous is None else {
         shard["path"] for split, info in previous.splits.items() if split in replaced
         for shard in info["shards"]
     }  # fmt: skip
-    patterns = [_shard_pattern(split) for split in replaced]
+    patterns = [*(_shard_pattern(split) for split in replaced),
+                *(index_file_pattern(split) for split in replaced)]
     for path in list(out.iterdir()):
         name = path.name
         if name in listed:

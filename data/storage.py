@@ -245,6 +245,14 @@ def explain_error(error: BaseException, uri: str, action: str, *, key: str | Non
 # ---------------------------------------------------------------------------------- transfer
 
 
+def write_text(uri: str, text: str) -> None:
+    """Write a small text file at `uri` (local path or URI), creating its folder."""
+    filesystem, path = resolve(uri)
+    filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with filesystem.open_output_stream(path) as stream:
+        stream.write(text.encode())
+
+
 def upload(local: str | os.PathLike, uri: str) -> None:
     """Copy a local file or folder (e.g. written shards) to `uri`, in parallel."""
     import pyarrow as pa  # see the module docstring

@@ -22,6 +22,8 @@ The read tasks do not import torch (only `TrainStream.micro_batches` does, in th
 from __future__ import annotations
 
 import logging
+import os
+import tarfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -38,6 +40,8 @@ from data.plan import BatchPlan
 from data.sample_index import SampleIndex, split_label
 from data.samples import FIX_HINT, SamplePipeline, SampleReadError, build_pipeline
 from data.scheduler_idle import install_idle_wait
+from data.shard_cache import ShardCache, remove_node_caches
+from data.shard_index import TAR_BLOCK
 from data.transforms import to_training_batch
 
 if TYPE_CHECKING:
@@ -93,6 +97,8 @@ def _record_to(ledger: object | None) -> Callable[[list[dict]], None] | None:
     """The record callback of a SkipLedger actor handle (waits: counts must be complete)."""
     if ledger is None:
         return None
+    if isinstance(ledger, SkipTally):  # in-process readers (tests, benchmarks)
+        return ledger.record
     return lambda entries: ray.get(ledger.record.remote(entries))
 
 
@@ -115,12 +121,15 @@ class ReadPlanned:
     """map_batches function: planned rows (sample references) -> decoded, augmented samples.
 
     Each row names a shard and the byte ranges of one sample's members (`data.sample_index`);
-    the bytes are read with one ranged read each, so raw bytes never reach the object store,
-    only the uint8 crops and the micro-batch number they belong to."""
+    one read covers the sample (its image header through its mask), from the node's shard
+    cache when there is one, else from the shard in place, so raw bytes never reach the object
+    store, only the uint8 crops and the micro-batch number they belong to. The tar headers in
+    that read are checked against the index: a wrong offset fails by shard and key."""
 
     pipeline: SamplePipeline
     filesystem: pafs.FileSystem
     ledger: object | None = None  # SkipLedger handle when on_error="skip"
+    cache: ShardCache | None = None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows, micro, skipped = [], [], []
@@ -145,21 +154,30 @@ class ReadPlanned:
             _record_to(self.ledger)(skipped)
         return self._stack(rows, micro)
 
+    def _open(self, files: dict, path: str, size: int) -> object:
+        if path not in files:
+            files[path] = (self.cache.open(self.filesystem, path, size) if self.cache is not None
+                           else self.filesystem.open_input_file(path))
+        return files[path]
+
     def _read(self, files: dict, batch: dict, index: int, url: str, key: str) -> dict[str, bytes]:
-        path = str(batch["shard"][index])
+        image_at, image_bytes = int(batch["image_at"][index]), int(batch["image_bytes"][index])
+        mask_at, mask_bytes = int(batch["mask_at"][index]), int(batch["mask_bytes"][index])
+        start, stop = image_at - TAR_BLOCK, mask_at + mask_bytes
         try:
-            handle = files.get(path) or files.setdefault(path, self.filesystem.open_input_file(path))
-            sample = {}
-            for member, at, size in ((self.pipeline.image_member, "image_at", "image_bytes"),
-                                     ("mask.png", "mask_at", "mask_bytes")):
-                size_ = int(batch[size][index])
-                data = handle.read_at(size_, int(batch[at][index]))
-                if len(data) != size_:
-                    raise OSError(f"{member} is cut short ({len(data)} of {size_} bytes)")
-                sample[member] = data
+            handle = self._open(files, str(batch["shard"][index]), int(batch["shard_bytes"][index]))
+            if start < 0 or mask_at - TAR_BLOCK < image_at + image_bytes:
+                raise OSError(f"index offsets {image_at} / {mask_at} cannot be members of a tar")
+            span = _read_at(handle, start, stop - start)
+            if len(span) != stop - start:
+                raise OSError(f"sample is cut short ({len(span)} of {stop - start} bytes)")
+            image_member, mask_member = self.pipeline.image_member, "mask.png"
+            _check_header(span, 0, f"{key}.{image_member}", image_bytes)
+            _check_header(span, mask_at - TAR_BLOCK - start, f"{key}.{mask_member}", mask_bytes)
+            return {image_member: span[TAR_BLOCK:TAR_BLOCK + image_bytes],
+                    mask_member: span[mask_at - start:]}
         except OSError as error:
             raise SampleReadError(f"{url}: sample '{key}' cannot be read ({error}); {FIX_HINT}") from error
-        return sample
 
     def _stack(self, rows: list[dict], micro: list[int]) -> dict[str, np.ndarray]:
         height, width = self.pipeline.output_size
@@ -187,6 +205,7 @@ class TrainStream:
     on_error: OnError = "raise"
     read_cpus: float = 0.25
     concurrency: int | None = None
+    cache: ShardCache | None = None  # whole shards on each node's disk (remote roots)
     rows_per_dataset: int = CHUNK_ROWS
     ledger: object | None = None  # SkipLedger handle (skip mode), see `with_skip_ledger`
 
@@ -221,7 +240,7 @@ class TrainStream:
         source.context.raise_original_map_exception = True  # SampleReadError names shard + key
         source.context.enable_progress_bars = False
         return source.map_batches(
-            ReadPlanned(self.pipeline, self.filesystem, ledger),
+            ReadPlanned(self.pipeline, self.filesystem, ledger, self.cache),
             batch_size=None,  # one block = one micro-batch = one task
             batch_format="numpy",
             num_cpus=self.read_cpus,
@@ -242,6 +261,12 @@ class TrainStream:
                                            self.index.skipped,
                                            "reason": "shard missing or damaged (index)"}]))
         return replace(self, ledger=ledger)
+
+    def remove_cache(self) -> None:
+        """Delete this stream's shard cache on every node (at the end of the run or search)."""
+        if self.cache is not None and ray.is_initialized():
+            held = remove_node_caches(self.cache.directory)
+            logger.info("removed the shard cache %s on %d nodes", self.cache.directory, held)
 
     def _named_ledger(self) -> object:
         return SkipLedger.options(name=_ledger_name(self.root, list(self.splits)),
@@ -277,6 +302,25 @@ class TrainStream:
                     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
                     uint8 = {name: torch.from_numpy(group[name]) for name in ("image", "mask")}
                 yield micro, to_training_batch(uint8, device)
+
+
+def _read_at(handle: object, offset: int, size: int) -> bytes:
+    """`size` bytes at `offset` of a pyarrow file or a local binary file (the cache's)."""
+    if hasattr(handle, "read_at"):
+        return handle.read_at(size, offset)
+    return os.pread(handle.fileno(), size, offset)
+
+
+def _check_header(span: bytes, at: int, name: str, size: int) -> None:
+    """The tar header at `span[at:]` is the one of member `name` with `size` data bytes (a name
+    over 100 characters is stored cut in that header: its start is compared)."""
+    try:
+        header = tarfile.TarInfo.frombuf(span[at:at + TAR_BLOCK], "utf-8", "surrogateescape")
+    except tarfile.TarError as error:
+        raise OSError(f"no tar header where the index puts {name} ({error})") from error
+    if header.size != size or not name.startswith(header.name) or not header.name:
+        raise OSError(f"the index puts {name} ({size} bytes) where the tar holds "
+                      f"{header.name} ({header.size} bytes)")
 
 
 def regroup_by_micro(blocks: Iterator[dict[str, np.ndarray]]) -> Iterator[tuple[int, dict]]:
@@ -321,10 +365,12 @@ def build_train_stream(
     on_error: OnError = "raise",
     read_cpus: float = 0.25,
     concurrency: int | None = None,
+    cache: ShardCache | None = None,
 ) -> TrainStream:
     """Index the training samples of `splits` (one split or several, read as one) and plan
     their global batches. Shard problems raise `SampleReadError` naming the shard here, or,
-    with `on_error="skip"`, leave the shard out (counted in `TrainStream.index.skipped`)."""
+    with `on_error="skip"`, leave the shard out (counted in `TrainStream.index.skipped`).
+    `cache`: read whole shards through a node-local cache (`data.shard_cache`)."""
     from data.sample_index import build_sample_index
 
     if on_error not in ("raise", "skip"):
@@ -338,4 +384,4 @@ def build_train_stream(
     names = (splits,) if isinstance(splits, str) else tuple(splits)
     return TrainStream(index=index, filesystem=filesystem, pipeline=pipeline, plan=plan,
                        root=str(root), splits=names, on_error=on_error, read_cpus=read_cpus,
-                       concurrency=concurrency)
+                       concurrency=concurrency, cache=cache)

@@ -154,6 +154,39 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+_PRIVATE: list[str] = []  # the address of the private cluster this process started, if any
+
+
+def started_private_cluster() -> bool:
+    """Whether this process runs on a private cluster it started (one that cannot grow)."""
+    import ray
+
+    return bool(_PRIVATE) and ray.is_initialized() and (
+        ray.get_runtime_context().gcs_address == _PRIVATE[-1])
+
+
+def check_fits(per_worker: dict[str, float], workers: int, *, key: str) -> None:
+    """Refuse, with what was asked and what the cluster has, a request that a private cluster
+    can never grant (it cannot grow: Ray would wait forever, silently). On a joined cluster
+    (an autoscaler may add nodes) this checks nothing."""
+    import ray
+
+    if not started_private_cluster():
+        return
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    fits = sum(int(min((node.get(name, 0.0) / need for name, need in per_worker.items()
+                        if need > 0), default=workers)) for node in nodes)
+    if fits >= workers:
+        return
+    have = {name: sum(node.get(name, 0.0) for node in nodes) for name in per_worker}
+    raise ConfigError(
+        f"{key}: {workers} workers of {per_worker} cannot run on the private Ray cluster of "
+        f"this machine ({have} in all; at most {fits} such workers fit). Fix: ask for less "
+        "(ray.num_workers, ray.cpus_per_worker, ray.use_gpu=false on a machine without GPUs), "
+        "or join a cluster that has them with ray.address"
+    )
+
+
 def _start_private(num_cpus: int | None, worker_env: dict[str, str], options: dict) -> str:
     """A local head on a port chosen here, so its address is known before its workers start."""
     import ray
@@ -180,4 +213,5 @@ def _start_private(num_cpus: int | None, worker_env: dict[str, str], options: di
             f"Ray started its head at {actual}, not at the requested {address}: the installed "
             f"Ray no longer reads {GCS_PORT_ENV}; update pipelines/cluster.py"
         )
+    _PRIVATE.append(address)
     return address

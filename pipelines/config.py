@@ -297,6 +297,8 @@ def _validate(cfg: ExperimentConfig, source: str) -> None:
         "must be [low, high] with 0 < low <= high",
     )
     require(cfg.data.read_cpus > 0, "data.read_cpus", "must be > 0 (Ray rejects 0-CPU reads)")
+    require(isinstance(cfg.data.cache_bytes, int) and cfg.data.cache_bytes >= 0,
+            "data.cache_bytes", "must be a whole number of bytes >= 0 (0: no shard cache)")
     require(cfg.model.num_classes is None or cfg.model.num_classes > 1, "model.num_classes", "> 1")
     require(
         cfg.model.drop_path_rate is None or 0 <= cfg.model.drop_path_rate < 1,
@@ -310,7 +312,8 @@ def _validate(cfg: ExperimentConfig, source: str) -> None:
     )
     require(cfg.optim.lr > 0, "optim.lr", "must be > 0")
     require(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-    require(len(cfg.optim.betas) == 2, "optim.betas", "must be [beta1, beta2]")
+    require(len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas),
+            "optim.betas", "must be [beta1, beta2], each in [0, 1) (AdamW's are 0.9, 0.999)")
     require(cfg.optim.decoder_lr_mult > 0, "optim.decoder_lr_mult", "must be > 0")
     require(cfg.schedule.iterations > 0, "schedule.iterations", "must be > 0")
     require(
@@ -319,8 +322,13 @@ def _validate(cfg: ExperimentConfig, source: str) -> None:
         "must be in [0, schedule.iterations)",
     )
     require(0 < cfg.schedule.warmup_ratio <= 1, "schedule.warmup_ratio", "must be in (0, 1]")
+    require(cfg.schedule.power > 0, "schedule.power", "must be > 0 (1.0: the official poly)")
+    require(0 < cfg.data.cat_max_ratio <= 1, "data.cat_max_ratio",
+            "must be in (0, 1] (1: no limit on one class's share of a crop)")
     unknown_weights = set(cfg.loss.weights) - {"general", "refine", "variance"}
     require(not unknown_weights, "loss.weights", "keys must be general, refine, variance")
+    for name, weight in cfg.loss.weights.items():
+        require(weight >= 0, f"loss.weights.{name}", f"= {weight} must be >= 0 (0: term off)")
     require(cfg.loss.variance_top_k >= 2, "loss.variance_top_k", "must be >= 2")
     require(cfg.loss.warmup_iters >= 0, "loss.warmup_iters", "must be >= 0 (0: no warm-up)")
     require(
@@ -377,6 +385,10 @@ def _validate(cfg: ExperimentConfig, source: str) -> None:
         )
     require(cfg.eval.batch_size > 0, "eval.batch_size", "must be > 0")
     require(bool(cfg.run.storage_path), "run.storage_path", "must not be empty")
+    require(not cfg.registry.register or (cfg.registry.name.strip() != "" and not any(
+        c in cfg.registry.name for c in "/:%")), "registry.name",
+        f"= {cfg.registry.name!r} is not a model registry name (no '/', ':' or '%'; MLflow's "
+        "models:/NAME/VERSION URIs would break)")
     require(
         cfg.storage.endpoint is None or cfg.storage.endpoint.startswith(("http://", "https://")),
         "storage.endpoint",

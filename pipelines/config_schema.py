@@ -65,6 +65,11 @@ class DataConfig:
     cat_max_ratio: float = 0.75
     read_cpus: float = 0.25
     on_error: Literal["raise", "skip"] = "raise"
+    # Remote roots (s3://, gs://): whole shards are kept on each node's disk, at most
+    # cache_bytes per node, under cache_dir/<run name> ("" = the system temp folder), removed at
+    # the end of the run; cache_bytes 0 reads each sample in place (one ranged GET per sample).
+    cache_dir: str = ""
+    cache_bytes: int = 8 << 30
 
     @property
     def train_splits(self) -> list[str]:

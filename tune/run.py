@@ -122,6 +122,8 @@ def run_search(
     except BaseException:
         fail_parent_run(client, parent_run_id)
         raise
+    finally:
+        prepared.stream.remove_cache()  # the trials' shared shard cache
     interrupted = len(outcomes) < settings.total_trials or any(
         o.status in (INTERRUPTED, PENDING) for o in outcomes
     )

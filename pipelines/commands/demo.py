@@ -61,7 +61,8 @@ def run_demo(overrides: list[str] | None = None) -> None:
             *(overrides or []),
         ],
     )
-    ensure_shards(shards)
+    if cfg.data.root == str(shards):  # data.root=X on the command line: the user's own data
+        ensure_shards(shards)
     cpus = max(cfg.ray.num_workers, os.cpu_count() or 1)
     init_ray("local", num_cpus=cpus)  # a fresh single-node Ray in this process, never another's
     print(f"[segnext] local Ray with {cpus} CPUs")
@@ -70,7 +71,7 @@ def run_demo(overrides: list[str] | None = None) -> None:
     print()
     print(summary(result))
     print(f"\nDemo finished in {minutes:.1f} min. Validation mIoU {result.best_val_miou:.3f} on "
-          f"{shards} (val split).")
+          f"{result.data_root or cfg.data.root} ({result.val_split} split).")
     print(f"MLflow: experiment {cfg.mlflow.experiment!r}, run {result.run_id}. Open the UI with:")
     print(f"  .venv/bin/mlflow ui --backend-store-uri {tracking_uri}")
 

@@ -41,6 +41,7 @@ from PIL import Image
 from data.manifest import load_manifest
 from data.storage import resolve_filesystem
 from data.transforms import rescaled_size
+from pipelines.arg_types import fraction, onnx_opset, positive_int
 from pipelines.commands.predict import read_rgb
 from pipelines.meta import payload_meta
 from pipelines.metric_names import SCORE
@@ -302,16 +303,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--model", required=True, help="checkpoint path or MLflow model URI")
     parser.add_argument("--out", required=True, help="the .onnx file to write")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (17)")
+    parser.add_argument("--opset", type=onnx_opset, default=DEFAULT_OPSET, help="ONNX opset (17)")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--dynamic", action="store_true", help="dynamic height/width (default)")
-    size.add_argument("--height", type=int, default=None, help="fixed input height (with --width)")
-    parser.add_argument("--width", type=int, default=None, help="fixed input width")
+    size.add_argument("--height", type=positive_int, default=None, help="fixed input height (with --width)")
+    parser.add_argument("--width", type=positive_int, default=None, help="fixed input width")
     parser.add_argument(
         "--image", default=None, help="verification image (default: first val image of the shards)"
     )
     parser.add_argument(
-        "--min-agreement", type=float, default=MIN_AGREEMENT, help="argmax agreement needed"
+        "--min-agreement", type=fraction, default=MIN_AGREEMENT, help="argmax agreement needed"
     )
     parser.add_argument(
         "--register",

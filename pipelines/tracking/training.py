@@ -35,6 +35,16 @@ class TrainingRecord:
         return MlflowClient(self.tracking_uri)
 
 
+def existing_run_id(cfg: ExperimentConfig) -> str | None:
+    """The MLflow run of Ray run `cfg.run.name` in `cfg.mlflow.experiment`, if one exists
+    (read only: creates neither the experiment nor a run)."""
+    client = MlflowClient(tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri))
+    experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
+    if experiment is None:
+        return None
+    return tracking.find_run(client, experiment.experiment_id, cfg.run.name)
+
+
 def open_training_run(
     cfg: ExperimentConfig,
     *,

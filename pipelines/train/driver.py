@@ -21,14 +21,14 @@ from data.sample_index import split_label
 from data.storage import is_remote, uri_of
 from data.storage import resolve as resolve_storage
 from data.stream import configure_data_context, skipped_samples
-from pipelines.cluster import WORKER_ENV, init_ray
+from pipelines.cluster import WORKER_ENV, check_fits, init_ray
 from pipelines.config import ConfigError, ExperimentConfig, to_dict, to_yaml
 from pipelines.console import current_log, log_only
 from pipelines.metric_names import SCORE
 from pipelines.tracking import registry
 from pipelines.tracking import training as tracking
 from pipelines.train.loop import WorkerArgs, train_loop_per_worker
-from pipelines.train.resolve import ResolvedRun, resolve
+from pipelines.train.resolve import ResolvedRun, release_unused_claim, resolve
 
 
 @dataclass
@@ -53,7 +53,14 @@ class TrainResult:
 def train(cfg: ExperimentConfig, *, resume: str | None = None, config_name: str = "run") -> TrainResult:
     """`segnext train`: a new run (its name must be free) or `--resume NAME` (it must exist)."""
     run = resolve(cfg, run_name=resume, exists_already=bool(resume), default_name=config_name)
-    return run_training(run)
+    try:
+        return run_training(run)
+    except BaseException:
+        if not resume:
+            release_unused_claim(run)  # a run that never started leaves its name free
+        raise
+    finally:
+        run.stream.remove_cache()
 
 
 def run_training(
@@ -77,11 +84,14 @@ def run_training(
         cfg, num_params=run.num_params, train_samples=run.train_samples,
         meta=run.meta.to_dict(), parent_run_id=mlflow_parent_run_id, tags=mlflow_run_tags,
     )
-    init_ray(cfg.ray.address)
     try:
+        init_ray(cfg.ray.address)  # a refused or timed-out start ends the MLflow run FAILED too
+        check_fits(worker_resources(cfg), cfg.ray.min_workers or cfg.ray.num_workers,
+                   key="ray.num_workers / ray.cpus_per_worker / ray.use_gpu")
         result = _fit(run, callbacks, record)
-    except BaseException:
-        tracking.fail_training_run(record)
+    except BaseException as error:
+        reason = str(error).splitlines()[0][:300] if str(error) else type(error).__name__
+        tracking.fail_training_run(record, reason)
         raise
     return _finish(run, record, result)
 

@@ -16,6 +16,11 @@ batch key changed), so trials share the manifest and the sample index.
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import socket
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,14 +29,19 @@ from typing import Any
 from data.manifest import Manifest, load_manifest
 from data.sample_index import checked_shards
 from data.samples import SampleReadError
-from data.storage import configure_endpoint, exists, is_remote, join, preflight
+from data.shard_cache import ShardCache
+from data.storage import configure_endpoint, exists, is_remote, join, preflight, write_text
 from data.stream import TrainStream, build_train_stream
 from data.transforms import MEAN, STD
 from pipelines.checkpoint_io import build_meta
 from pipelines.config import ConfigError, ExperimentConfig, to_flat_dict, with_overrides
 from pipelines.meta import EvalMeta, ModelMeta
+from pipelines.tracking.training import existing_run_id
 from pipelines.train import initial_weights
 from pipelines.train.loop import build_model
+
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+CLAIM_FILE = ".segnext-run.json"  # who claimed a run name (host, pid, time)
 
 
 @dataclass(frozen=True)
@@ -70,7 +80,9 @@ class ResolvedRun:
         """
         cfg = with_overrides(self.cfg, values)
         cfg = replace(cfg, run=replace(cfg.run, name=run_name))
-        stream = self.stream if _stream_key(cfg) == _stream_key(self.cfg) else _train_stream(cfg)
+        stream = self.stream
+        if _stream_key(cfg) != _stream_key(self.cfg):  # one shard cache for all the variants
+            stream = replace(_train_stream(cfg), cache=self.stream.cache)
         return _derive(cfg, self.manifest, stream, self.storage_env)
 
 
@@ -93,6 +105,7 @@ def resolve(
     cfg = replace(cfg, run=replace(cfg.run, name=name, storage_path=storage))
     storage_env = configure_endpoint(cfg.storage.endpoint)
     root = _absolute(cfg.data.root)
+    _check_run_name(name)
     _check_run_folder(cfg, exists_already)
     preflight(root, storage)  # endpoint, bucket, credentials: before any worker starts
     manifest = _read_manifest(root)
@@ -100,6 +113,10 @@ def resolve(
     _check_splits(cfg, manifest)
     _check_shards_present(manifest, [cfg.data.val_split], cfg.data.on_error)
     num_classes = len(manifest.classes)
+    top_k = cfg.model.classifier_kwargs.get("top_k")
+    if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= num_classes):
+        raise ConfigError(f"model.classifier_kwargs.top_k = {top_k!r} must be a whole number "
+                          f"in 1..{num_classes} (the classes of {root})")
     cfg = replace(
         cfg,
         loss=replace(cfg.loss, class_frequencies=_class_frequencies(cfg, manifest)),
@@ -110,7 +127,10 @@ def resolve(
             cfg.model.init_from, tracking_uri=cfg.mlflow.tracking_uri, storage_path=storage
         )
         cfg = replace(cfg, model=replace(cfg.model, init_from=source))
-    return _derive(cfg, manifest, _train_stream(cfg), storage_env)
+    run = _derive(cfg, manifest, _train_stream(cfg), storage_env)
+    if exists_already is False:  # last: a run refused above leaves its name free
+        _claim_run_name(cfg)
+    return run
 
 
 # ---------------------------------------------------------------------------------- pieces
@@ -144,7 +164,17 @@ def _derive(
     return ResolvedRun(cfg, manifest, meta, num_params, stream, storage_env)
 
 
+def _check_run_name(name: str) -> None:
+    """A run name is one folder under run.storage_path: no separators, no `..`, no hidden name."""
+    if not RUN_NAME.fullmatch(name) or ".." in name:
+        raise ConfigError(
+            f"run.name {name!r} must be one folder name under run.storage_path (letters, "
+            "digits, '.', '_', '-'; starting with a letter or digit; no '/' or '..')"
+        )
+
+
 def _check_run_folder(cfg: ExperimentConfig, exists_already: bool | None) -> None:
+    """`--resume NAME`: its folder must exist; a new run: it must not."""
     if exists_already is None:
         return
     folder = join(cfg.run.storage_path, cfg.run.name)
@@ -159,6 +189,46 @@ def _check_run_folder(cfg: ExperimentConfig, exists_already: bool | None) -> Non
             f"run {cfg.run.name} already exists in {cfg.run.storage_path}; continue it with "
             f"--resume {cfg.run.name} or choose another run.name"
         )
+
+
+def _claim_run_name(cfg: ExperimentConfig) -> None:
+    """A new run's name must be free of an MLflow run too, and is claimed by creating the run
+    folder: atomic on a local or shared filesystem (of two racing runs, one starts, the other
+    stops here, naming the first); on object storage the claim is a marker object, written
+    right after the check (not atomic: S3 has no create-if-absent through pyarrow)."""
+    folder = join(cfg.run.storage_path, cfg.run.name)
+    mlflow_run = existing_run_id(cfg)
+    if mlflow_run is not None:
+        raise ConfigError(
+            f"run {cfg.run.name} already has MLflow run {mlflow_run} in experiment "
+            f"{cfg.mlflow.experiment!r} (its folder is not in {cfg.run.storage_path}); "
+            f"choose another run.name, or --resume it from where its folder is")
+    claim = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                        "claimed": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    if is_remote(folder):
+        write_text(join(folder, CLAIM_FILE), claim)
+        return
+    Path(cfg.run.storage_path).mkdir(parents=True, exist_ok=True)
+    try:
+        Path(folder).mkdir()
+    except FileExistsError:
+        holder = Path(folder, CLAIM_FILE)
+        owner = holder.read_text() if holder.is_file() else "another process"
+        raise ConfigError(f"run {cfg.run.name} already exists in {cfg.run.storage_path}: "
+                          f"another run claimed the name just now ({owner}); choose another "
+                          "run.name") from None
+    Path(folder, CLAIM_FILE).write_text(claim)
+
+
+def release_unused_claim(run: ResolvedRun) -> None:
+    """Give the run's name back when the run never wrote anything (Ray refused to start, say):
+    its local folder holds the claim only. A folder with anything else in it stays."""
+    folder = Path(run.storage_path, run.run_name)
+    if is_remote(run.storage_path) or not folder.is_dir():
+        return
+    if [entry.name for entry in folder.iterdir()] == [CLAIM_FILE]:
+        (folder / CLAIM_FILE).unlink()
+        folder.rmdir()
 
 
 def _read_manifest(root: str) -> Manifest:
@@ -249,8 +319,9 @@ def _stream_key(cfg: ExperimentConfig) -> tuple:
 
 
 def _train_stream(cfg: ExperimentConfig) -> TrainStream:
-    """Index the training samples (every shard opened, every sample located) and plan the
+    """Index the training samples (the splits' index files and a stat per shard) and plan the
     global batches; refuse worker counts that cannot share a step evenly."""
+    cache = _shard_cache(cfg)
     try:
         stream = build_train_stream(
             cfg.data.root, cfg.data.train_splits, crop_size=tuple(cfg.data.crop_size),
@@ -259,6 +330,7 @@ def _train_stream(cfg: ExperimentConfig) -> TrainStream:
             scale=tuple(cfg.data.scale) if cfg.data.scale else None,
             ratio_range=tuple(cfg.data.ratio_range), cat_max_ratio=cfg.data.cat_max_ratio,
             seed=cfg.train.seed, on_error=cfg.data.on_error, read_cpus=cfg.data.read_cpus,
+            cache=cache,
         )
     except SampleReadError as error:
         raise ConfigError(str(error)) from error
@@ -267,6 +339,12 @@ def _train_stream(cfg: ExperimentConfig) -> TrainStream:
             f"data.train_split {cfg.data.train_split!r}: {error}; lower "
             "train.global_batch_size or add samples"
         ) from error
+    largest = int(stream.index.shard_bytes.max())
+    if cache is not None and largest > cache.capacity:
+        raise ConfigError(
+            f"data.cache_bytes = {cache.capacity} cannot hold one shard of {cfg.data.root} "
+            f"({largest} bytes). Fix: raise it above the largest shard (best: the training "
+            f"split, {int(stream.index.shard_bytes.sum())} bytes), or 0 to read samples in place")
     for world in worker_counts(cfg):
         try:
             stream.plan.accumulation(world)
@@ -276,6 +354,15 @@ def _train_stream(cfg: ExperimentConfig) -> TrainStream:
                 f"{cfg.train.global_batch_size}, micro-batch {cfg.micro_batch_size})"
             ) from error
     return stream
+
+
+def _shard_cache(cfg: ExperimentConfig) -> ShardCache | None:
+    """The run's node-local shard cache: for remote roots only (local shards are read in place,
+    the page cache serves them), one folder per run name."""
+    if not is_remote(cfg.data.root) or cfg.data.cache_bytes == 0:
+        return None
+    base = cfg.data.cache_dir or os.path.join(tempfile.gettempdir(), "segnext-shard-cache")
+    return ShardCache(os.path.join(os.path.expanduser(base), cfg.run.name), cfg.data.cache_bytes)
 
 
 def worker_counts(cfg: ExperimentConfig) -> range:

@@ -70,8 +70,10 @@ def shard_shas(out: Path) -> dict[str, str]:
 
 
 def listed(out: Path) -> set[str]:
+    """The files the manifest names: shards and each split's index."""
     manifest = load_manifest(out)
-    return {shard["path"] for info in manifest.splits.values() for shard in info["shards"]}
+    return ({shard["path"] for info in manifest.splits.values() for shard in info["shards"]}
+            | {info["index"]["path"] for info in manifest.splits.values() if "index" in info})
 
 
 def assert_complete(out: Path) -> None:
@@ -151,10 +153,31 @@ def test_a_different_dataset_is_refused_unless_overwrite(tmp_path, capsys):
     assert "images stored as jpg vs png" in capsys.readouterr().err
     assert shard_shas(out) == before and (out / "dataset.json").read_bytes() == manifest_before
 
+    capsys.readouterr()
     assert main([*other, "--out", str(out), "--overwrite"]) == 0
     manifest = load_manifest(out)
     assert manifest.name == "synthetic" and sorted(manifest.splits) == ["train", "val"]
     assert_complete(out)  # the folder dataset's shards are gone, test split included
+    assert "removed the previous dataset's splits: train, val, test" in capsys.readouterr().out
+
+
+def test_overwrite_of_one_split_of_the_same_dataset_keeps_the_others(tmp_path, capsys):
+    """`--split val=... --overwrite` on the folder's own dataset rewrites val only."""
+    make_dataset(tmp_path / "data")
+    classes = write_classes(tmp_path / "classes.txt")
+    out = tmp_path / "out"
+    assert main(folder_args(out, classes, "--root", str(tmp_path / "data"))) == 0
+    kept = {n: sha for n, sha in shard_shas(out).items() if not n.startswith("val")}
+    val = tmp_path / "data" / "val"
+    capsys.readouterr()
+    rewrite = folder_args(out, classes, "--split", f"val={val / 'images'}:{val / 'masks'}",
+                          "--overwrite")
+    assert main(rewrite) == 0
+    line = capsys.readouterr().out
+    assert "[val]" in line and "kept splits: train, test" in line and "removed" not in line
+    assert {n: sha for n, sha in shard_shas(out).items() if not n.startswith("val")} == kept
+    assert set(load_manifest(out).splits) == {"train", "val", "test"}
+    assert_complete(out)
 
 
 def test_unreadable_manifest_is_not_replaced_silently(tmp_path):

@@ -30,7 +30,11 @@ def file_sha(path: Path) -> str:
 
 
 def shard_files(out: Path) -> list[str]:
-    return sorted(p.name for p in out.iterdir() if p.name != "dataset.json")
+    """Every file but the manifest and the index files it names (leftovers show up here)."""
+    manifest = json.loads((out / "dataset.json").read_text()) if (out / "dataset.json").exists() else {}
+    indexes = {info["index"]["path"] for info in manifest.get("splits", {}).values()
+               if "index" in info}
+    return sorted(p.name for p in out.iterdir() if p.name != "dataset.json" and p.name not in indexes)
 
 
 def test_camvid_shards_match_the_source(camvid_shards, camvid_root, read_samples):

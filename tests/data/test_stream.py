@@ -233,8 +233,16 @@ def damage_header(shard: Path, member_index: int) -> None:
 
 
 def test_short_shard_fails_while_indexing_naming_it(synthetic_shards: Path, tmp_path):
+    """A dataset written before indexes is indexed from its tar headers: a damaged one fails
+    there (with an index, the read of the damaged sample fails: tests/data/test_shard_index)."""
+    import json
+
     root = tmp_path / "short"
     shutil.copytree(synthetic_shards, root)
+    manifest = json.loads((root / "dataset.json").read_text())
+    for info in manifest["splits"].values():
+        del info["index"]
+    (root / "dataset.json").write_text(json.dumps(manifest))
     shard = root / "train-000001.tar"
     damage_header(shard, 9)  # members: 3 per sample -> samples 0..2 survive
     with pytest.raises(SampleReadError, match=rf"{shard}: shard holds 3 samples, manifest says 16"):

@@ -10,6 +10,7 @@ registers the best checkpoint in MLflow with no local copy of the run folder, is
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import urllib.request
 from collections.abc import Iterator
@@ -142,6 +143,7 @@ def test_upload_and_fetch_roundtrip(workdir: Path) -> None:
             f"data.root: s3://{BUCKET}/elsewhere/dataset.json does not exist",
         ),
         ("storage.endpoint=http://127.0.0.1:PORT", "the storage endpoint cannot be reached"),
+        ("data.cache_bytes=1000", "data.cache_bytes = 1000 cannot hold one shard"),
     ],
 )
 def test_unusable_storage_fails_before_workers(
@@ -200,6 +202,7 @@ def test_train_crash_resume_register_eval_on_s3(
     ray_session: None,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     from mlflow import MlflowClient
 
@@ -209,9 +212,14 @@ def test_train_crash_resume_register_eval_on_s3(
     tracking = f"sqlite:///{workdir / 'mlflow.db'}"
     cfg = load_config(
         workdir / "exp.yaml",
-        ["train.fail_at_iteration=5", "train.max_failures=1", "run.name=s3run"],
+        ["train.fail_at_iteration=5", "train.max_failures=1", "run.name=s3run",
+         f"data.cache_dir={workdir / 'shard-cache'}"],
     )
-    result = train_module.train(cfg)
+    with caplog.at_level(logging.INFO, logger="data.stream"):
+        result = train_module.train(cfg)
+    # the read tasks kept whole shards on this node's disk; the run removed them at the end
+    assert f"removed the shard cache {workdir / 'shard-cache' / 's3run'} on 1 nodes" in caplog.text
+    assert not (workdir / "shard-cache" / "s3run").exists()
 
     # the crash at iteration 5 restarted the workers from a checkpoint read back from S3
     marker = Path(train_module._fault_marker(f"s3://{BUCKET}/runs", "s3run", result.run_id))

@@ -54,6 +54,12 @@ def no_workers(monkeypatch: pytest.MonkeyPatch) -> None:
         ("data.train_split=[train, nope]", "data.train_split = ['train', 'nope'] is not in"),
         ("data.train_split=[train, train]", "repeats a split"),
         ("loss.class_frequencies=[0.5, 0.5]", "loss.class_frequencies lists 2 values for"),
+        ("optim.betas=[1.5, -2]", "optim.betas must be [beta1, beta2], each in [0, 1)"),
+        ("schedule.power=-1", "schedule.power must be > 0"),
+        ("data.cat_max_ratio=-3", "data.cat_max_ratio must be in (0, 1]"),
+        ("loss.weights.general=-1", "loss.weights.general = -1"),
+        ("model.classifier_kwargs={top_k: 100}", "top_k = 100 must be a whole number in 1..7"),
+        ("data.cache_bytes=-1", "data.cache_bytes must be a whole number of bytes >= 0"),
     ],
 )
 def test_bad_config_fails_before_workers(
@@ -62,6 +68,54 @@ def test_bad_config_fails_before_workers(
     code = main(["train", "--config", str(workdir / "exp.yaml"), override])
     assert code == 2
     assert needle in capsys.readouterr().err
+
+
+def test_an_unusable_registry_name_fails_before_workers(
+    workdir: Path, no_workers: None, capsys: pytest.CaptureFixture
+) -> None:
+    overrides = ["registry.register=true", "registry.name=bad/name:x"]
+    assert main(["train", "--config", str(workdir / "exp.yaml"), *overrides]) == 2
+    assert "registry.name = 'bad/name:x' is not a model registry name" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("command", "needle"),
+    [
+        (["predict", "--model", "m.pt", "--input", "x.png", "--out", "o", "--batch-size", "-1"],
+         "--batch-size: -1 must be >= 1"),
+        (["export", "--model", "m.pt", "--out", "m.onnx", "--min-agreement", "1.01"],
+         "--min-agreement: 1.01 must be in [0, 1]"),
+        (["export", "--model", "m.pt", "--out", "m.onnx", "--opset", "5"],
+         "--opset: 5 is outside 7.."),
+    ],
+)
+def test_command_options_out_of_range_stop_at_once(
+    command: list[str], needle: str, capsys: pytest.CaptureFixture
+) -> None:
+    with pytest.raises(SystemExit) as stopped:  # argparse's exit, before any work
+        main(command)
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err) < 2000
+
+
+def test_a_refused_ray_address_leaves_no_running_mlflow_run(
+    workdir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from mlflow import MlflowClient
+
+    from pipelines.tracking.runs import RUN_NAME_TAG
+
+    code = main(["train", "--config", str(workdir / "exp.yaml"), "ray.address=127.0.0.1:1",
+                 "run.name=refused"])
+    assert code != 0 and "127.0.0.1:1" in capsys.readouterr().err
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("test")
+    runs = client.search_runs([experiment.experiment_id],
+                              filter_string=f"tags.`{RUN_NAME_TAG}` = 'refused'")
+    assert runs and [run.info.status for run in runs] == ["FAILED"]
+    assert "127.0.0.1:1" in runs[0].data.tags.get("mlflow.note.content", "")
+    assert not (workdir / "ray" / "refused").exists()  # never started: the name is free again
 
 
 def test_class_balance_reads_the_training_split_pixel_shares(
@@ -128,6 +182,49 @@ def test_elastic_range_that_cannot_split_a_step_fails_before_workers(
 def test_resume_needs_an_existing_run(workdir: Path, no_workers: None) -> None:
     with pytest.raises(ConfigError, match="--resume nosuchrun: no run folder"):
         train_module.train(load_config(workdir / "exp.yaml"), resume="nosuchrun")
+
+
+@pytest.mark.parametrize("name", ["../../escape", "a/b", ".hidden", "x..y"])
+def test_a_run_name_stays_inside_the_storage_path(workdir: Path, no_workers: None, name: str,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    code = main(["train", "--config", str(workdir / "exp.yaml"), f"run.name={name!r}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "must be one folder name under run.storage_path" in err
+    assert not (workdir / "escape").exists() and not (workdir.parent / "escape").exists()
+
+
+def _claim(config: str, name: str, start: object, results: object) -> None:
+    """Resolve a new run named `name` once `start` is set; put "ok" or the error in results."""
+    start.wait()
+    try:
+        resolve(load_config(config, [f"run.name={name}"]), exists_already=False)
+        results.put("ok")
+    except ConfigError as error:
+        results.put(str(error))
+
+
+def test_two_racing_runs_with_one_name_one_starts(workdir: Path, no_workers: None) -> None:
+    """Two processes resolve a new run of one name at the same moment: exactly one claims it,
+    the other is refused before Ray, naming the first; a later run of that name is refused."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    start, results = context.Event(), context.Queue()
+    racers = [context.Process(target=_claim, args=(str(workdir / "exp.yaml"), "raced", start,
+                                                   results)) for _ in range(2)]
+    for racer in racers:
+        racer.start()
+    time.sleep(5)  # both imported and waiting
+    start.set()
+    outcomes = [results.get(timeout=120) for _ in racers]
+    for racer in racers:
+        racer.join(30)
+    assert outcomes.count("ok") == 1, outcomes
+    [refused] = [outcome for outcome in outcomes if outcome != "ok"]
+    assert "run raced already exists" in refused  # "claimed just now", or its folder was there
+    with pytest.raises(ConfigError, match="run raced already exists.*--resume raced"):
+        resolve(load_config(workdir / "exp.yaml", ["run.name=raced"]), exists_already=False)
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -289,3 +386,46 @@ def test_unreadable_validation_data_ends_the_run_without_retries(
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     run_id = find_run(client, client.get_experiment_by_name("test").experiment_id, "bad-val")
     assert client.get_run(run_id).info.status == "FAILED"
+
+
+def test_demo_on_the_users_data_writes_no_synthetic_shards(
+    workdir: Path, tiny_shards: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture
+) -> None:
+    """`segnext demo data.root=X` trains on X: the synthetic set is not written, and the last
+    line names X."""
+    from pipelines.commands import demo
+
+    def no_synthetic(out):
+        raise AssertionError(f"wrote the synthetic shards to {out}")
+
+    trained = []
+
+    def fake_train(cfg, **kwargs):
+        trained.append(cfg.data.root)
+        return train_module.TrainResult(run_name="r", run_id="id", path="p", best_checkpoint=None,
+                                        best_val_miou=0.5, data_root=cfg.data.root)
+
+    monkeypatch.setattr(demo, "ensure_shards", no_synthetic)
+    monkeypatch.setattr("pipelines.cluster.init_ray", lambda *args, **kwargs: "local")
+    monkeypatch.setattr(train_module, "train", fake_train)
+    demo.run_demo([f"data.root={tiny_shards}", f"mlflow.tracking_uri=sqlite:///{workdir}/d.db"])
+    assert trained == [str(tiny_shards)]
+    assert f"on {tiny_shards} (val split)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("override", "needle"), [
+    ("ray.use_gpu=true", "'GPU': 1.0"),
+    ("ray.cpus_per_worker=64", "'CPU': 64"),
+])
+def test_a_run_the_private_cluster_can_never_hold_is_refused(
+    workdir: Path, ray_session: None, capsys: pytest.CaptureFixture, override: str, needle: str
+) -> None:
+    """Ray would wait forever for resources a private cluster cannot grow; refused instead."""
+    started = time.perf_counter()
+    code = main(["train", "--config", str(workdir / "exp.yaml"), override,
+                 f"run.name=never-{override.split('=')[0].split('.')[1]}"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "cannot run on the private Ray cluster" in err and needle in err
+    assert time.perf_counter() - started < 60
