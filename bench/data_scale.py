@@ -7,7 +7,9 @@ and counts the requests. For each delay, a child process (so that it can import 
 checkout's code: `--old-tree`) measures:
 
 - start-up: `build_train_stream` (manifest, index, a stat per shard, the batch plan) and then
-  the first micro-batch out of the Ray Data stream, in seconds and requests;
+  the first micro-batch out of the Ray Data stream, in seconds and requests (`--warm-workers`:
+  with the read tasks' Ray worker processes started before the clock, which separates Ray's
+  fixed process start-up from the data path's);
 - the stream: `--stream-samples` more training samples (random resize, crop, flip, photometric;
   global batch 16), in requests per sample read and samples/s per read CPU (wall rate divided by
   the CPUs Ray gives the read tasks, `--cpus`), plus CPU-seconds per 1000 samples (this process
@@ -195,6 +197,11 @@ def _child_main(args: argparse.Namespace) -> dict:
 
         options["cache"] = ShardCache(control["cache_dir"], control["cache_bytes"])
     init_ray("local", num_cpus=control["cpus"])
+    if control.get("warm_workers"):  # start the read tasks' worker processes before the clock
+        import ray
+
+        warm = ray.remote(num_cpus=options["read_cpus"])(_import_stream)
+        ray.get([warm.remote() for _ in range(int(control["cpus"] / options["read_cpus"]))])
     meter = CpuMeter()
     _mark(control["marks"], "start")
     started = time.perf_counter()
@@ -222,6 +229,10 @@ def _child_main(args: argparse.Namespace) -> dict:
             "stream_s": done - first, "cpu_s": cpu}
 
 
+def _import_stream() -> None:
+    import data.stream  # noqa: F401  (what a read task's worker imports first)
+
+
 def _mark(path: str, name: str) -> None:
     """Tell the parent (which owns the proxy's counters) that a phase ended; wait for it."""
     with open(path, "a") as handle:
@@ -235,6 +246,7 @@ def measure(tree: Path, root: str, proxy: DelayProxy, args: argparse.Namespace,
     marks = Path(tempfile.mkstemp(prefix="data-scale-marks-")[1])
     cache_dir = tempfile.mkdtemp(prefix="data-scale-cache-")
     control = {"root": root, "cpus": args.cpus, "stream_samples": stream_samples,
+               "warm_workers": args.warm_workers,
                "marks": str(marks), "cache_dir": cache_dir, "cache_bytes": cache_bytes}
     env = {**os.environ, "PYTHONPATH": str(tree), "AWS_ENDPOINT_URL_S3": proxy.url}
     proxy.take_counts()
@@ -282,6 +294,8 @@ def main() -> None:
     parser.add_argument("--cache-bytes", type=int, default=2 << 30)
     parser.add_argument("--in-place", action="store_true",
                         help="also measure the new code with the shard cache off")
+    parser.add_argument("--warm-workers", action="store_true",
+                        help="start the read tasks' Ray worker processes before timing")
     parser.add_argument("--old-tree", type=Path, help="a checkout of the code before the index")
     parser.add_argument("--old-samples", type=int, default=300)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "data-scale")

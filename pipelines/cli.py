@@ -50,7 +50,14 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     flags = [token for token in argv if token in GLOBAL_FLAGS]
-    args = build_parser().parse_args(flags + [t for t in argv if t not in GLOBAL_FLAGS])
+    parser = build_parser()
+    args, extra = parser.parse_known_args(flags + [t for t in argv if t not in GLOBAL_FLAGS])
+    # `key=value` overrides may follow an option (`--resume NAME key=value`): argparse fills a
+    # nargs="*" positional once, so later ones come back as extra; anything else is an error.
+    if extra and hasattr(args, "overrides") and all(_is_override(t) for t in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     # SIGTERM (timeout, schedulers, a closed terminal) unwinds like Ctrl-C: cleanup code runs.
     signal.signal(signal.SIGTERM, _raise_interrupt)
     quiet = not args.verbose and args.command in QUIET_COMMANDS
@@ -58,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     with quiet_console(args.command, enabled=quiet):
         try:
             return int(args.func(args) or 0)
-        except KeyboardInterrupt:
-            print(f"segnext {args.command}: interrupted", file=sys.stderr)
+        except KeyboardInterrupt as stop:  # its text, if any, says how to continue
+            print(f"segnext {args.command}: {stop or 'interrupted'}", file=sys.stderr)
             return 130
         except Exception as error:
             if args.debug:
@@ -69,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if not had_ray and _ray_connected():  # inside the console: late worker logs filtered
                 sys.modules["ray"].shutdown()
+
+
+def _is_override(token: str) -> bool:
+    key = token.split("=", 1)[0]
+    return "=" in token and not token.startswith("-") and all(key.split("."))
 
 
 def _ray_connected() -> bool:

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import os
 import socket
-from contextlib import closing
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 
 from pipelines.config import ConfigError
 
@@ -60,14 +61,35 @@ def init_ray(
     # notice) reach the log file only (pipelines.console), its ERRORs still show.
     level = "ERROR" if current_log() is not None else "WARNING"
     options = {"logging_level": level, "logging_config": ray.LoggingConfig(log_level="WARNING")}
-    if target is not None:
-        ray.init(address=target, runtime_env={"env_vars": {**worker_env, "RAY_ADDRESS": target}},
-                 **options)
-        print(f"[segnext] joined the Ray cluster at {target}", flush=True)
-        return target
-    address = _start_private(num_cpus, worker_env, options)
+    with _keeping_stop_handlers():
+        if target is not None:
+            ray.init(address=target,
+                     runtime_env={"env_vars": {**worker_env, "RAY_ADDRESS": target}}, **options)
+            print(f"[segnext] joined the Ray cluster at {target}", flush=True)
+            return target
+        address = _start_private(num_cpus, worker_env, options)
     print(f"[segnext] started a private Ray cluster at {address}", flush=True)
     return address
+
+
+@contextmanager
+def _keeping_stop_handlers() -> Iterator[None]:
+    """Put this process's SIGTERM/SIGINT handlers back after `ray.init`, whose core worker
+    installs a C++ failure handler for SIGTERM (it dumps a stack trace and aborts, exit 134):
+    a command's SIGTERM must unwind like Ctrl-C (pipelines.cli), ending the run cleanly."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            if callable(handler) or handler in (signal.SIG_IGN, signal.SIG_DFL):
+                signal.signal(signum, handler)
 
 
 def resolve_address(address: str | None) -> str | None:

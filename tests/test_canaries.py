@@ -190,3 +190,13 @@ def test_scheduling_loop_still_skips_its_wait_when_nothing_runs() -> None:
         f"process_completed_tasks changed how it waits; the idle wait may be obsolete: {used_by}")
     operator = _hook("ray.data._internal.execution.interfaces", "PhysicalOperator", used_by)
     assert hasattr(operator, "num_active_tasks"), f"PhysicalOperator.num_active_tasks: {used_by}"
+
+
+def test_train_sigint_hook_the_driver_overrides() -> None:
+    """pipelines.train.driver._Trainer turns Ray Train's SIGINT handler off by overriding this
+    method; fit() must still call it by that name (else Ctrl-C exits 1, the run FAILED)."""
+    import inspect
+
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    assert "self._register_sigint_handler(controller)" in inspect.getsource(DataParallelTrainer)

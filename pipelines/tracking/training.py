@@ -89,13 +89,15 @@ def open_training_run(
     return TrainingRecord(uri, run_id)
 
 
-def fail_training_run(record: TrainingRecord, reason: str | None = None) -> None:
-    """End the run FAILED; with `reason`, its Description says why."""
+def fail_training_run(
+    record: TrainingRecord, reason: str | None = None, *, status: str = "FAILED"
+) -> None:
+    """End the run FAILED (or KILLED: interrupted); with `reason`, its Description says why."""
     client = record.client
     if reason:
         tracking.set_description(client, record.run_id, tracking.failed_description(
             tracking.description(client, record.run_id), reason))
-    client.set_terminated(record.run_id, status="FAILED")
+    client.set_terminated(record.run_id, status=status)
 
 
 def log_skipped(record: TrainingRecord, counts: Mapping[str, int]) -> None:

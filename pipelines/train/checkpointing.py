@@ -10,6 +10,7 @@ a restore is the step the uninterrupted run took.
 from __future__ import annotations
 
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +20,13 @@ from pyarrow import fs as pafs
 from torch import nn
 
 from data.plan import PLAN_VERSION, BatchPlan
-from pipelines.checkpoint_io import load_checkpoint, save_checkpoint
+from data.storage import join
+from pipelines.checkpoint_io import (
+    CheckpointError,
+    checkpoint_files,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 RNG_SCHEME = {
     "plan": f"data.plan v{PLAN_VERSION}: per-epoch permutation seeded by (seed, epoch)",
@@ -76,11 +83,15 @@ class Checkpointer:
                          checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
 
     def restore(self) -> Restored | None:
-        """Load Ray's latest checkpoint (a restart after a failure or a resize, or --resume)."""
+        """Load the latest checkpoint (a restart after a failure or a resize, or --resume):
+        Ray's registered one, or a newer one on storage that loads (a stop can come after an
+        upload completed and before Ray recorded it: that checkpoint is not lost)."""
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
+        payload = self._newer_on_storage(_iteration_of(checkpoint.path) if checkpoint else -1)
+        if payload is None and checkpoint is None:
             return None
-        payload = read_checkpoint(checkpoint)
+        if payload is None:
+            payload = read_checkpoint(checkpoint)
         self.core.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
@@ -88,6 +99,19 @@ class Checkpointer:
                             metrics=dict(payload.get("metrics", {})))
         restored.warnings = self._position_warnings(payload.get("data_position"), restored.iteration)
         return restored
+
+    def _newer_on_storage(self, registered: int) -> dict[str, Any] | None:
+        """The payload of the newest checkpoint in the run folder past iteration `registered`
+        that loads completely (a copy cut short is passed over, with a warning)."""
+        folder = join(self.config["run.storage_path"], self.config["run.name"])  # flat keys
+        for file in reversed(checkpoint_files(folder)):
+            if _iteration_of(file.rsplit("/", 2)[-2]) <= registered:
+                return None
+            try:
+                return load_checkpoint(file, map_location="cpu")
+            except CheckpointError as error:
+                warnings.warn(f"passing over an incomplete checkpoint: {error}", stacklevel=2)
+        return None
 
     def _position_warnings(self, saved: dict | None, iteration: int) -> list[str]:
         if saved is None:
@@ -101,6 +125,13 @@ class Checkpointer:
         return ["the data plan changed since the checkpoint (" + ", ".join(changed) + "): "
                 "training continues at the same iteration, but not with the batches the "
                 "interrupted run would have seen"]
+
+
+def _iteration_of(path: str) -> int:
+    """The iteration in a checkpoint folder name (`.../checkpoint_0000020`), -1 if none."""
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    digits = name.removeprefix("checkpoint_")
+    return int(digits) if digits.isdigit() else -1
 
 
 def read_checkpoint(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:

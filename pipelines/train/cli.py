@@ -38,7 +38,8 @@ def _main(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
-        result = train(cfg, resume=args.resume, config_name=Path(args.config).stem)
+        result = train(cfg, resume=args.resume, config_name=Path(args.config).stem,
+                       config_path=args.config)
     except (ConfigError, StorageError) as error:
         print(f"segnext train: configuration error: {error}", file=sys.stderr)
         return 2

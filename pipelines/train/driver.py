@@ -21,6 +21,7 @@ from data.sample_index import split_label
 from data.storage import is_remote, uri_of
 from data.storage import resolve as resolve_storage
 from data.stream import configure_data_context, skipped_samples
+from pipelines.checkpoint_io import checkpoint_files
 from pipelines.cluster import WORKER_ENV, check_fits, init_ray
 from pipelines.config import ConfigError, ExperimentConfig, to_dict, to_yaml
 from pipelines.console import current_log, log_only
@@ -50,17 +51,34 @@ class TrainResult:
     val_split: str = "val"
 
 
-def train(cfg: ExperimentConfig, *, resume: str | None = None, config_name: str = "run") -> TrainResult:
-    """`segnext train`: a new run (its name must be free) or `--resume NAME` (it must exist)."""
+def train(
+    cfg: ExperimentConfig,
+    *,
+    resume: str | None = None,
+    config_name: str = "run",
+    config_path: str | None = None,
+) -> TrainResult:
+    """`segnext train`: a new run (its name must be free) or `--resume NAME` (it must exist).
+    Interrupted (Ctrl-C, SIGTERM), it says which checkpoint a resume starts from, and how."""
     run = resolve(cfg, run_name=resume, exists_already=bool(resume), default_name=config_name)
     try:
         return run_training(run)
+    except KeyboardInterrupt:  # the one line the command ends with (pipelines.cli, exit 130)
+        text = _how_to_resume(run, config_path or f"configs/{config_name}.yaml")
+        raise KeyboardInterrupt(text) from None
     except BaseException:
         if not resume:
             release_unused_claim(run)  # a run that never started leaves its name free
         raise
     finally:
         run.stream.remove_cache()
+
+
+def _how_to_resume(run: ResolvedRun, config_path: str) -> str:
+    saved = checkpoint_files(run.run_uri)
+    where = f"latest checkpoint {saved[-1]}" if saved else "no checkpoint yet (resume restarts it)"
+    return (f"run {run.run_name} interrupted: {where}; continue it with: segnext train --config "
+            f"{config_path} --resume {run.run_name}")
 
 
 def run_training(
@@ -89,6 +107,9 @@ def run_training(
         check_fits(worker_resources(cfg), cfg.ray.min_workers or cfg.ray.num_workers,
                    key="ray.num_workers / ray.cpus_per_worker / ray.use_gpu")
         result = _fit(run, callbacks, record)
+    except KeyboardInterrupt:
+        tracking.fail_training_run(record, "interrupted (Ctrl-C or SIGTERM)", status="KILLED")
+        raise
     except BaseException as error:
         reason = str(error).splitlines()[0][:300] if str(error) else type(error).__name__
         tracking.fail_training_run(record, reason)
@@ -108,7 +129,7 @@ def _fit(run: ResolvedRun, callbacks: list | None, record: tracking.TrainingReco
         fault_marker=_fault_marker(run.storage_path, run_name, record.run_id),
     )
     storage_fs, storage_fs_path = resolve_storage(run.storage_path)
-    trainer = TorchTrainer(
+    trainer = _Trainer(
         train_loop_per_worker,
         train_loop_config={"args": args},
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
@@ -135,6 +156,17 @@ def _fit(run: ResolvedRun, callbacks: list | None, record: tracking.TrainingReco
         ),
     )
     return trainer.fit()
+
+
+class _Trainer(TorchTrainer):
+    """TorchTrainer whose `fit` leaves Ctrl-C to the command: Ray Train's own SIGINT handler
+    aborts the run and exits 1 (or 0) without a word, the MLflow run then FAILED; without it
+    SIGINT is a KeyboardInterrupt here, like SIGTERM (pipelines.cli): one line naming the
+    checkpoint and the --resume command, exit 130, the MLflow run KILLED. A private hook of
+    Ray Train: tests/test_canaries.py checks it still exists."""
+
+    def _register_sigint_handler(self, controller: Any) -> None:
+        return None
 
 
 def _scaling_workers(cfg: ExperimentConfig) -> int | tuple[int, int]:

@@ -429,3 +429,15 @@ def test_a_run_the_private_cluster_can_never_hold_is_refused(
     assert code == 2, err
     assert "cannot run on the private Ray cluster" in err and needle in err
     assert time.perf_counter() - started < 60
+
+
+def test_overrides_may_follow_resume_as_for_tune(
+    workdir: Path, no_workers: None, capsys: pytest.CaptureFixture
+) -> None:
+    """`--resume NAME key=value` parses (argparse alone rejected the second group)."""
+    code = main(["train", "--config", str(workdir / "exp.yaml"), "train.log_every=1",
+                 "--resume", "nosuchrun", "schedule.iterations=8"])
+    assert code == 2
+    assert "--resume nosuchrun: no run folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--config", str(workdir / "exp.yaml"), "--resume", "x", "--bogus"])
