@@ -24,11 +24,13 @@ import hashlib
 import io
 import json
 import logging
+import os
 import re
 import tarfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import NamedTuple
 
 import pyarrow as pa
@@ -143,6 +145,20 @@ def table_bytes(table: pa.Table) -> bytes:
     sink = io.BytesIO()
     pq.write_table(table, sink, compression="zstd")
     return sink.getvalue()
+
+
+def write_index_file(out: Path, split: str, per_shard: Sequence[Sequence[SampleEntry]],
+                     shards: Sequence[dict]) -> dict:
+    """Write the split's index file into the local folder `out` (fsynced; named by its
+    sha256) and return the manifest's entry for it."""
+    data = table_bytes(index_table(per_shard, shards))
+    digest = hashlib.sha256(data).hexdigest()
+    name = index_file_name(split, digest)
+    with open(out / name, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    return {"path": name, "bytes": len(data), "sha256": digest}
 
 
 # ------------------------------------------------------------------------------- loading

@@ -42,14 +42,7 @@ from data.manifest import (
     load_manifest,
 )
 from data.sample_encoding import EncodeOptions, encode_sample
-from data.shard_index import (
-    SampleEntry,
-    index_file_name,
-    index_file_pattern,
-    index_table,
-    scan_members,
-    table_bytes,
-)
+from data.shard_index import SampleEntry, index_file_pattern, scan_members, write_index_file
 from data.sources.base import (
     IGNORE_INDEX,
     IMAGE_SUFFIXES,
@@ -552,14 +545,13 @@ def _differences(previous: Manifest, source: Source, image_format: str) -> list[
 
 def _refuse_other_dataset(previous: Manifest, differences: list[str], out: Path) -> None:
     """Two datasets (or two image formats) never mix in one manifest."""
-    if differences:
-        raise DataError(
-            f"{out} already holds dataset '{previous.name}' (splits: "
-            f"{', '.join(previous.splits) or 'none'}) and this run writes a different one: "
-            f"{'; '.join(differences)}. Fix: write it elsewhere with --out, or pass --overwrite "
-            f"to replace '{previous.name}' in {out} (its splits are deleted); for the image "
-            f"format alone, rerun with the setting the folder was written with."
-        )
+    raise DataError(
+        f"{out} already holds dataset '{previous.name}' (splits: "
+        f"{', '.join(previous.splits) or 'none'}) and this run writes a different one: "
+        f"{'; '.join(differences)}. Fix: write it elsewhere with --out, or pass --overwrite "
+        f"to replace '{previous.name}' in {out} (its splits are deleted); for the image "
+        f"format alone, rerun with the setting the folder was written with."
+    )
 
 
 def _remove_partials(out: Path) -> None:
@@ -622,7 +614,8 @@ def _commit(
             "skipped": [s for r in mine for s in r.skipped],
         }
         if shards:
-            written[split]["index"] = _write_index(out, split, shards, mine)
+            written[split]["index"] = write_index_file(
+                out, split, [r.entries for r in mine if r.num_samples], shards)
         sized = [r for r in mine if r.num_samples]
         if sized:
             written[split]["image_size"] = {
@@ -661,19 +654,6 @@ def _commit(
                               else set())
     _remove_superseded(out, manifest, previous, replaced)
     return manifest
-
-
-def _write_index(out: Path, split: str, shards: list[dict], mine: list[_ShardResult]) -> dict:
-    """Write the split's index file (fsynced; named by its sha256) and return its entry."""
-    table = index_table([r.entries for r in mine if r.num_samples], shards)
-    data = table_bytes(table)
-    digest = hashlib.sha256(data).hexdigest()
-    name = index_file_name(split, digest)
-    with open(out / name, "wb") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-    return {"path": name, "bytes": len(data), "sha256": digest}
 
 
 def _remove_superseded(

@@ -225,8 +225,9 @@ def model_overrides(classifier_kwargs: dict[str, Any], nmf: dict[str, Any]) -> d
     return overrides
 
 
-def model_from_checkpoint(payload: dict[str, Any]) -> segnext.SegNeXt:
-    """Rebuild the SegNeXt described by `payload["meta"]`, load its weights, eval mode."""
+def model_from_checkpoint(payload: dict[str, Any], source: str = "checkpoint") -> segnext.SegNeXt:
+    """Rebuild the SegNeXt described by `payload["meta"]`, load its weights, eval mode. Weights
+    that do not fit that model are a CheckpointError naming `source` and the mismatch."""
     meta = payload_meta(payload)
     model = segnext.create_model(
         meta.variant,
@@ -234,5 +235,20 @@ def model_from_checkpoint(payload: dict[str, Any]) -> segnext.SegNeXt:
         classifier=meta.classifier,
         **model_overrides(meta.classifier_kwargs.to_dict(), meta.nmf.to_dict()),
     )
-    model.load_state_dict(payload["model"])
+    expected, given = model.state_dict(), payload["model"]
+    missing = [key for key in expected if key not in given]
+    unexpected = [key for key in given if key not in expected]
+    reshaped = [key for key in expected if key in given and given[key].shape != expected[key].shape]
+    if missing or unexpected or reshaped:
+        def sample(keys: list[str]) -> str:
+            return f" (e.g. {', '.join(keys[:2])})" if keys else ""
+
+        raise CheckpointError(
+            f"{source}: its weights do not fit the SegNeXt-{meta.variant} {meta.classifier} "
+            f"model its meta describes: {len(missing)} missing{sample(missing)}, "
+            f"{len(unexpected)} unexpected{sample(unexpected)}, {len(reshaped)} of another "
+            f"shape{sample(reshaped)}. Likely cause: the file was edited, or its weights and meta "
+            "come from different models; use a checkpoint as `segnext train` wrote it"
+        )
+    model.load_state_dict(given)
     return model.eval()

@@ -118,7 +118,7 @@ def export_onnx(
             f"{model} draws random NMF bases at every forward (nmf.random_eval_bases=true), "
             "which ONNX cannot express; retrain or rebuild it with deterministic eval bases"
         )
-    network = model_from_checkpoint(payload)
+    network = model_from_checkpoint(payload, str(model))
     picture, image_name = _verification_image(image, payload)
     metadata = _metadata(payload, source.reference, size, opset, SIZE_DIVISOR, SLIDE_ABOVE_CROPS)
 

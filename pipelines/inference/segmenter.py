@@ -119,12 +119,14 @@ class Segmenter:
 
     @classmethod
     def from_checkpoint(
-        cls, payload: dict[str, Any], *, device: str | None = None, **overrides: Any
+        cls, payload: dict[str, Any], *, device: str | None = None, source: str = "checkpoint",
+        **overrides: Any,
     ) -> Segmenter:
-        """`overrides`: the keywords of `settings_from_checkpoint` (mode, crop_size, ...)."""
+        """`overrides`: the keywords of `settings_from_checkpoint` (mode, crop_size, ...);
+        `source`: what errors name (the file or URI)."""
         meta = payload_meta(payload)
         return cls(
-            model_from_checkpoint(payload),
+            model_from_checkpoint(payload, source),
             settings_from_checkpoint(payload, **overrides),
             class_names=meta.class_names,
             palette=meta.palette,
@@ -179,4 +181,5 @@ def load_checkpoint_segmenter(
 ) -> Segmenter:
     """A Segmenter for a checkpoint file, Ray checkpoint folder or checkpoint URI (s3://...),
     read with weights_only=True (no pickle); `overrides`: as `Segmenter.from_checkpoint`."""
-    return Segmenter.from_checkpoint(load_checkpoint(checkpoint), device=device, **overrides)
+    return Segmenter.from_checkpoint(load_checkpoint(checkpoint), device=device,
+                                     source=str(checkpoint), **overrides)

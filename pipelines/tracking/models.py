@@ -64,7 +64,7 @@ def load_segmenter(model: str | Path, *, device: str | None = None, **overrides:
     weights_only=True (no pickle), and `overrides` (the keywords of `settings_from_checkpoint`)
     replace the settings the training run recorded."""
     payload = load_source(resolve_model(model))
-    return Segmenter.from_checkpoint(payload, device=device, **overrides)
+    return Segmenter.from_checkpoint(payload, device=device, source=str(model), **overrides)
 
 
 def load_source(source: ModelSource) -> dict[str, Any]:

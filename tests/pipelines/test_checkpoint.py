@@ -136,3 +136,26 @@ class Payload:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
+
+
+def test_weights_that_do_not_fit_name_the_file_and_the_mismatch(tmp_path: Path, capsys) -> None:
+    """A checkpoint missing a weight: `segnext predict` stops with the file, the counts and the
+    likely cause (exit 2), not PyTorch's raw strict-loading message."""
+    from PIL import Image
+
+    from pipelines.cli import main
+
+    model = create_model("tiny", 3, classifier="integrated", classifier_kwargs={"top_k": 2})
+    payload = _payload(model)
+    first = next(iter(payload["model"]))
+    del payload["model"][first]
+    path = save_checkpoint(tmp_path / "ckpt", payload)
+    image = tmp_path / "scene.png"
+    Image.new("RGB", (64, 48)).save(image)
+    code = main(["predict", "--model", str(path), "--input", str(image), "--out",
+                 str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"{path}: its weights do not fit the SegNeXt-tiny integrated model" in err
+    assert f"1 missing (e.g. {first})" in err and "0 unexpected" in err
+    assert "Likely cause" in err and "unexpected RuntimeError" not in err
