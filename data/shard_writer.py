@@ -611,7 +611,7 @@ def _commit(
         written[split] = {
             "num_samples": sum(s["num_samples"] for s in shards),
             "shards": shards,
-            "skipped": [s for r in mine for s in r.skipped],
+            "skipped": [*source.unpaired(split), *(s for r in mine for s in r.skipped)],
         }
         if shards:
             written[split]["index"] = write_index_file(

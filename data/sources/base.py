@@ -95,6 +95,11 @@ class Source(ABC):
         """Where `split`'s files live, for messages (a folder, or the source's name)."""
         return str(getattr(self, "root", self.name))
 
+    def unpaired(self, split: str) -> list[dict[str, str]]:
+        """Files of `split` that make no sample (a mask without its image), as the writer's
+        skipped entries ({"source", "reason"}): counted and listed, never dropped silently."""
+        return []
+
     def load(self, sample: Sample) -> LoadedSample:
         """Decode and validate one sample; raises SampleError naming the file and the fix."""
         image, rgb_png = read_image(sample.image)

@@ -184,6 +184,12 @@ class Folder(Source):
         check_label_range(mask, raw, len(self.classes), path)
         return mask
 
+    def unpaired(self, split: str) -> list[dict[str, str]]:
+        images, masks = self.folders(split)
+        stems = {p.stem for p in list_images(images)}
+        return [{"source": str(mask), "reason": f"{mask}: mask without an image in {images}"}
+                for mask in list_images(masks) if mask.stem not in stems]
+
     def samples(self, split: str) -> list[Sample]:
         images, masks = self.folders(split)
         masks_by_stem: dict[str, Path] = {}

@@ -10,6 +10,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -468,3 +469,17 @@ def test_workers_end_with_the_parent(previous_dataset, how):
         text = stderr.decode()
         assert process.returncode == 128 + getattr(signal, how)
         assert "Traceback" not in text and text.count("interrupted: nothing written") == 1
+
+
+def test_masks_without_an_image_are_counted_and_listed(tmp_path, capsys):
+    make_dataset(tmp_path / "data")
+    masks = tmp_path / "data" / "train" / "masks"
+    orphan = masks / "orphan_000.png"
+    shutil.copy(sorted(masks.iterdir())[0], orphan)
+    classes = write_classes(tmp_path / "classes.txt")
+    out = tmp_path / "out"
+    assert main(folder_args(out, classes, "--root", str(tmp_path / "data"))) == 0
+    captured = capsys.readouterr()
+    assert "1 skipped" in captured.out
+    assert f"skipped: {orphan}: mask without an image" in captured.err
+    assert load_manifest(out).splits["train"]["skipped"][0]["source"] == str(orphan)
