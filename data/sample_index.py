@@ -14,7 +14,7 @@ import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -62,6 +62,7 @@ class ShardFile:
     num_samples: int
     split: str = ""
     position: int = 0  # in the split's shard list (the index's `shard` column)
+    entry: dict | None = field(default=None, compare=False, repr=False)  # manifest entry
 
 
 def checked_shards(
@@ -79,17 +80,15 @@ def checked_shards(
     splits = [split] if isinstance(split, str) else list(split)
     shards = [
         ShardFile(f"{base}/{entry['path']}", join_root(manifest.root, entry["path"]),
-                  int(entry["num_samples"]), name, position)
+                  int(entry["num_samples"]), name, position, entry)
         for name in splits for position, entry in enumerate(manifest.split(name)["shards"])
     ]
-    entries = [manifest.split(shard.split)["shards"][shard.position] for shard in shards]
     if verify == "none":
         problems = [""] * len(shards)
     else:
         with ThreadPoolExecutor(SCAN_THREADS) as pool:
-            problems = list(pool.map(lambda pair: _shard_problem(filesystem, pair[0].path,
-                                                                 pair[1], verify),
-                                     zip(shards, entries, strict=True)))
+            problems = list(pool.map(
+                lambda shard: _shard_problem(filesystem, shard.path, shard.entry, verify), shards))
     good = []
     for shard, problem in zip(shards, problems, strict=True):
         if not problem:
@@ -177,7 +176,7 @@ def build_sample_index(
             if (name, position) in good:
                 renumber[position] = len(kept)
                 kept.append(good[(name, position)])
-        shard = renumber[columns["shard"]] if len(columns["shard"]) else columns["shard"]
+        shard = renumber[columns["shard"]]
         keep = shard >= 0
         pieces.append({**{column: values[keep] for column, values in columns.items()},
                        "shard": shard[keep]})
@@ -188,8 +187,7 @@ def build_sample_index(
     index = SampleIndex(
         shard_paths=np.asarray([shard.path for shard in kept], dtype=object),
         shard_urls=np.asarray([shard.url for shard in kept], dtype=object),
-        shard_bytes=np.asarray([manifest.split(shard.split)["shards"][shard.position]["bytes"]
-                                for shard in kept], dtype=np.int64),
+        shard_bytes=np.asarray([shard.entry["bytes"] for shard in kept], dtype=np.int64),
         shard=joined["shard"].astype(np.int32), keys=joined["key"].astype(object),
         image_at=joined["image_at"].astype(np.int64),
         image_bytes=joined["image_bytes"].astype(np.int64),
