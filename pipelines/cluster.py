@@ -29,6 +29,9 @@ from pipelines.config import ConfigError
 WORKER_ENV = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 PROBE_TIMEOUT_S = 3.0
 GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"  # read by Ray when it starts a head node
+# The head's autoscaler monitor and dashboard export metrics on fixed ports (44217, 44227)
+# unless these name others; a `ray start --head` beside a private cluster needs them free.
+METRIC_PORT_ENVS = ("AUTOSCALER_METRIC_PORT", "DASHBOARD_METRIC_PORT")
 # The raylet kills idle task workers beyond `num_workers_soft_limit` (default: the CPU count).
 # The training stream's read tasks come in bursts (several fractional-CPU tasks per step), so
 # with the default the raylet killed the surplus after each burst and started new ones for the
@@ -209,19 +212,49 @@ def check_fits(per_worker: dict[str, float], workers: int, *, key: str) -> None:
     )
 
 
+@contextmanager
+def _agent_on_a_free_port() -> Iterator[None]:
+    """`ray.init` gives its dashboard agent Ray's default HTTP port (52365: `RayParams` binds
+    the constant as a default and `ray.init` has no argument for it), the port `ray job submit`
+    reaches on a cluster the user starts with `ray start --head` beside ours. Port 0 lets the
+    node pick a free one, as it already does for the agent's gRPC, metrics and runtime-env
+    ports; only `ray.init`'s own RayParams is affected, for the time of this call."""
+    import ray._private.parameter as parameter
+
+    original = parameter.RayParams
+
+    class FreeAgentPortParams(original):  # type: ignore[misc, valid-type]
+        def __init__(self, *args, **kwargs) -> None:
+            kwargs.setdefault("dashboard_agent_listen_port", 0)
+            super().__init__(*args, **kwargs)
+
+    parameter.RayParams = FreeAgentPortParams
+    try:
+        yield
+    finally:
+        parameter.RayParams = original
+
+
 def _start_private(num_cpus: int | None, worker_env: dict[str, str], options: dict) -> str:
-    """A local head on a port chosen here, so its address is known before its workers start."""
+    """A local head on ports chosen here, none of them Ray's defaults (the user's own cluster
+    on this machine needs those: GCS 6379, dashboard 8265, agent 52365), and its address known
+    before its workers start."""
     import ray
     from ray.util import get_node_ip_address
 
     address = f"{get_node_ip_address()}:{_free_port()}"
     # RAY_ADDRESS in this process would override address="local" (a dead one: a hang).
-    saved = {name: os.environ.pop(name, None) for name in (GCS_PORT_ENV, "RAY_ADDRESS")}
+    saved = {name: os.environ.pop(name, None)
+             for name in (GCS_PORT_ENV, "RAY_ADDRESS", *METRIC_PORT_ENVS)}
     os.environ[GCS_PORT_ENV] = address.rsplit(":", 1)[1]
+    for name in METRIC_PORT_ENVS:
+        os.environ[name] = str(_free_port())
     try:
-        ray.init(address="local", num_cpus=num_cpus,
-                 _system_config=dict(RAYLET_CONFIG),  # a copy: Ray adds its own keys to it
-                 runtime_env={"env_vars": {**worker_env, "RAY_ADDRESS": address}}, **options)
+        with _agent_on_a_free_port():
+            ray.init(address="local", num_cpus=num_cpus, dashboard_port=_free_port(),
+                     _system_config=dict(RAYLET_CONFIG),  # a copy: Ray adds its own keys to it
+                     runtime_env={"env_vars": {**worker_env, "RAY_ADDRESS": address}},
+                     **options)
     finally:
         for name, value in saved.items():
             if value is None:
