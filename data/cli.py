@@ -182,25 +182,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _write(args: argparse.Namespace) -> int:
-    from data.shard_writer import Interrupted, write_shards
+    from data.shard_writer import Interrupted
+    from data.storage import StorageError
 
     try:
-        summary = write_shards(
-            args.build_source(args),
-            args.out,
-            splits=[s.strip() for s in args.splits.split(",")] if args.splits else None,
-            shard_size=args.shard_size,
-            shard_bytes=args.shard_bytes,
-            image_format="png" if args.lossless else "jpg",
-            jpeg_quality=args.jpeg_quality,
-            on_error=args.on_error,
-            workers=args.workers,
-            limit=args.limit,
-            progress=True,
-            overwrite=args.overwrite,
-            allow_empty=args.allow_empty,
-        )
-    except DataError as error:
+        summary = _write_to(args.out, args)
+    except (DataError, StorageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as error:
@@ -214,6 +201,55 @@ def _write(args: argparse.Namespace) -> int:
         print(f"skipped: {item['reason']}", file=sys.stderr)
     print(summary.line())
     return 0
+
+
+def _write_to(out: str, args: argparse.Namespace):
+    """Shards into a local folder, or into a remote one (s3://, gs://) by way of a local
+    temporary folder uploaded once complete: the writer's atomic renames and lock need a local
+    disk, and a half-uploaded dataset never carries a manifest (uploaded last)."""
+    import dataclasses
+    import tempfile
+
+    from data import storage
+
+    if not storage.is_remote(out):
+        return _write_local(out, args)
+    if storage.exists(f"{out.rstrip('/')}/dataset.json"):
+        raise DataError(
+            f"{out} already holds a dataset (dataset.json): remote shards are written to an "
+            "empty prefix only. Fix: choose a new prefix, or write into a local folder (which "
+            "keeps the splits you do not rewrite) and upload it"
+        )
+    with tempfile.TemporaryDirectory(prefix="segnext-shards-") as local:
+        summary = _write_local(local, args)
+        manifest = Path(local) / "dataset.json"
+        staged = manifest.rename(Path(local).parent / f"{Path(local).name}.dataset.json")
+        try:
+            storage.upload(local, out)
+            storage.upload(staged, f"{out.rstrip('/')}/dataset.json")
+        finally:
+            staged.unlink(missing_ok=True)
+    return dataclasses.replace(summary, out=out)
+
+
+def _write_local(out: str, args: argparse.Namespace):
+    from data.shard_writer import write_shards
+
+    return write_shards(
+        args.build_source(args),
+        out,
+        splits=[s.strip() for s in args.splits.split(",")] if args.splits else None,
+        shard_size=args.shard_size,
+        shard_bytes=args.shard_bytes,
+        image_format="png" if args.lossless else "jpg",
+        jpeg_quality=args.jpeg_quality,
+        on_error=args.on_error,
+        workers=args.workers,
+        limit=args.limit,
+        progress=True,
+        overwrite=args.overwrite,
+        allow_empty=args.allow_empty,
+    )
 
 
 def _verify(args: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ SUBCOMMAND_MODULES = (
     "pipelines.tracking.registry",  # register
     "pipelines.commands.export",  # export
     "tune.cli",  # tune
+    "pipelines.commands.submit",  # submit
 )
 
 

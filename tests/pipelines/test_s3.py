@@ -300,3 +300,16 @@ def test_endpoint_must_be_a_url(workdir: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "ftp://minio")
     with pytest.raises(ValueError, match="S3 endpoint 'ftp://minio'"):
         s3_filesystem()
+
+
+def test_shards_written_straight_to_s3(s3: str, capsys) -> None:
+    """`segnext shards ... --out s3://` writes locally, uploads, manifest last; a prefix that
+    already holds a dataset is refused (no silent local folder named `s3:`)."""
+    out = f"s3://{BUCKET}/written"
+    command = ["shards", "synthetic", "--num-train", "8", "--num-val", "2", "--out", out]
+    assert main(command) == 0
+    assert f"-> {out} [train, val]" in capsys.readouterr().out
+    assert storage.exists(f"{out}/dataset.json") and storage.exists(f"{out}/val-000000.tar")
+    assert not Path("s3:").exists()
+    assert main(command) == 1
+    assert "already holds a dataset" in capsys.readouterr().err
