@@ -143,11 +143,34 @@ def test_serving_environment_flag_is_set_by_the_scoring_server(
     )
 
 
+def test_scoring_server_processes_are_told_and_stopped_as_the_pyfunc_expects() -> None:
+    """The pyfunc knows it runs in a scoring server by MLflow's model-path variable, and sees a
+    shutdown begin through uvicorn's SIGTERM handler, a bound `Server.handle_exit`."""
+    import signal
+
+    from pipelines.serving.shutdown import SCORING_SERVER_ENV, server_is_exiting
+
+    used_by = "pipelines/serving/shutdown.py (a served process ends within seconds of SIGTERM)"
+    name = _hook("mlflow.pyfunc.scoring_server", "_SERVER_MODEL_PATH", used_by)
+    assert name == SCORING_SERVER_ENV, f"the model-path variable is now {name!r}; {used_by}"
+    server_class = _hook("uvicorn", "Server", used_by)
+    assert "self.handle_exit" in inspect.getsource(server_class.capture_signals), used_by
+    server = server_class(_hook("uvicorn", "Config", used_by)(app=None))
+    previous = signal.signal(signal.SIGTERM, server.handle_exit)
+    try:
+        assert not server_is_exiting()
+        server.handle_exit(signal.SIGTERM, None)
+        assert server_is_exiting(), f"handle_exit no longer sets should_exit; {used_by}"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_error_codes_map_to_the_http_statuses_serving_promises() -> None:
     from mlflow.exceptions import MlflowException
 
-    used_by = "pipelines/serving/pyfunc.py (400 for bad input, 504 past the deadline)"
-    for name, status in (("INVALID_PARAMETER_VALUE", 400), ("DEADLINE_EXCEEDED", 504)):
+    used_by = "pipelines/serving/pyfunc.py (400 bad input, 504 past the deadline, 503 stopping)"
+    codes = (("INVALID_PARAMETER_VALUE", 400), ("DEADLINE_EXCEEDED", 504))
+    for name, status in (*codes, ("TEMPORARILY_UNAVAILABLE", 503)):
         code = _hook("mlflow.protos.databricks_pb2", name, used_by)
         got = MlflowException("x", error_code=code).get_http_status_code()
         assert got == status, f"{name} now answers HTTP {got}, not {status}; used by {used_by}"

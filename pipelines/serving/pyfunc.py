@@ -13,7 +13,9 @@ a message; and a request past the server's timeout (`--timeout`, i.e.
 MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT, default 60 s), which MLflow answers with 504 without
 stopping the thread, stops itself before its next forward pass (one sliding window). Not
 bounded: one forward pass (one window, or a whole image up to the pixel limit) and the JSON
-decoding before `predict`. Bad input of any kind answers 400 with the message.
+decoding before `predict`. Bad input of any kind answers 400 with the message. On SIGTERM the
+running requests stop the same way (HTTP 503) and the process ends within seconds
+(`pipelines.serving.shutdown`).
 """
 
 from __future__ import annotations
@@ -32,11 +34,16 @@ from mlflow.environment_variables import (
     MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT,
 )
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import (
+    DEADLINE_EXCEEDED,
+    INVALID_PARAMETER_VALUE,
+    TEMPORARILY_UNAVAILABLE,
+)
 
 from pipelines.inference.segmenter import load_checkpoint_segmenter
 from pipelines.inference.threads import set_torch_threads
 from pipelines.serving.payload import MAX_PIXELS_ENV, RequestTimeoutError, predict_any
+from pipelines.serving.shutdown import SHUTDOWN, ServerStoppingError, in_scoring_server
 
 CHECKPOINT_ARTIFACT = "checkpoint"  # key of the checkpoint file in the pyfunc's artifacts
 DEFAULT_MAX_PIXELS = 16_000_000  # 16 MP: a 4000x4000 photo; far above any training crop
@@ -100,6 +107,9 @@ class SegNeXtPyfunc(mlflow.pyfunc.PythonModel):
         self.max_pixels = max_pixels_setting(getattr(context, "model_config", None))
         self.deadline = _Deadline()
         self.segmenter.model.register_forward_pre_hook(self.deadline.check)
+        if in_scoring_server():  # not in a batch job that loads the model: its signals are its own
+            SHUTDOWN.install()
+            self.segmenter.model.register_forward_pre_hook(SHUTDOWN.check)
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
         # Under `mlflow models serve` only: a batch job calling the pyfunc has no timeout.
@@ -112,3 +122,5 @@ class SegNeXtPyfunc(mlflow.pyfunc.PythonModel):
             raise MlflowException(str(error), error_code=INVALID_PARAMETER_VALUE) from None
         except RequestTimeoutError as error:
             raise MlflowException(str(error), error_code=DEADLINE_EXCEEDED) from None
+        except ServerStoppingError as error:
+            raise MlflowException(str(error), error_code=TEMPORARILY_UNAVAILABLE) from None
