@@ -253,6 +253,13 @@ def write_text(uri: str, text: str) -> None:
         stream.write(text.encode())
 
 
+def read_text(uri: str) -> str:
+    """The text of a small file at `uri` (local path or URI)."""
+    filesystem, path = resolve(uri)
+    with filesystem.open_input_stream(path) as stream:
+        return stream.read().decode()
+
+
 def upload(local: str | os.PathLike, uri: str) -> None:
     """Copy a local file or folder (e.g. written shards) to `uri`, in parallel."""
     import pyarrow as pa  # see the module docstring

@@ -7,11 +7,8 @@ import argparse
 
 
 def positive_int(text: str) -> int:
-    """A whole number >= 1 (batch sizes, thread counts)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    """A whole number >= 1 (batch sizes, thread counts, window sizes)."""
+    value = _whole_number(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be >= 1")
     return value
@@ -35,11 +32,15 @@ def onnx_opset(text: str) -> int:
 
     low = _constants.ONNX_MIN_OPSET
     high = getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", _constants.ONNX_MAX_OPSET)
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    value = _whole_number(text)
     if not low <= value <= high:
         raise argparse.ArgumentTypeError(f"{value} is outside {low}..{high}, the opsets this "
                                          "torch exports (17 is the tested default)")
     return value
+
+
+def _whole_number(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None

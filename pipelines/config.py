@@ -286,8 +286,10 @@ def _validate(cfg: ExperimentConfig, source: str) -> None:
     require(len(cfg.data.crop_size) == 2, "data.crop_size", "must be [height, width]")
     require(min(cfg.data.crop_size) > 0, "data.crop_size", "must be positive")
     require(
-        cfg.data.scale is None or len(cfg.data.scale) == 2, "data.scale", "must be [long, short]"
+        cfg.data.scale is None or (len(cfg.data.scale) == 2 and min(cfg.data.scale) > 0),
+        "data.scale", "must be [long, short], both > 0 (or null: no base scale)"
     )
+    require(bool(cfg.data.val_split), "data.val_split", "is empty; name the split to validate on")
     splits = cfg.data.train_splits
     require(bool(splits) and all(splits), "data.train_split", "must name at least one split")
     require(len(set(splits)) == len(splits), "data.train_split", f"= {splits} repeats a split")
@@ -299,7 +301,12 @@ def _validate(cfg: ExperimentConfig, source: str) -> None:
     require(cfg.data.read_cpus > 0, "data.read_cpus", "must be > 0 (Ray rejects 0-CPU reads)")
     require(isinstance(cfg.data.cache_bytes, int) and cfg.data.cache_bytes >= 0,
             "data.cache_bytes", "must be a whole number of bytes >= 0 (0: no shard cache)")
-    require(cfg.model.num_classes is None or cfg.model.num_classes > 1, "model.num_classes", "> 1")
+    require(cfg.model.num_classes is None or cfg.model.num_classes > 1, "model.num_classes",
+            "must be > 1, or null to take it from the shards' manifest")
+    top_k = cfg.model.classifier_kwargs.get("top_k")
+    require(top_k is None or (isinstance(top_k, int) and not isinstance(top_k, bool)
+                              and top_k >= 1),
+            "model.classifier_kwargs.top_k", f"= {top_k!r} must be a whole number >= 1")
     require(
         cfg.model.drop_path_rate is None or 0 <= cfg.model.drop_path_rate < 1,
         "model.drop_path_rate",
@@ -344,12 +351,25 @@ def _validate(cfg: ExperimentConfig, source: str) -> None:
     )
     for key in ("log_every", "val_every", "checkpoint_every", "keep_best", "global_batch_size"):
         require(getattr(cfg.train, key) > 0, f"train.{key}", "must be > 0")
+    require(cfg.train.per_worker_batch_size is None or cfg.train.per_worker_batch_size > 0,
+            "train.per_worker_batch_size",
+            "must be > 0, or null for train.global_batch_size / ray.num_workers")
+    require(cfg.train.seed >= 0, "train.seed", "must be >= 0 (numpy seeds are unsigned)")
     require(cfg.train.max_failures >= -1, "train.max_failures", "must be >= -1 (-1: forever)")
+    require(cfg.train.time_budget_s is None or cfg.train.time_budget_s > 0,
+            "train.time_budget_s", "must be > 0 seconds, or null for no limit")
+    require(cfg.train.fail_at_iteration is None or cfg.train.fail_at_iteration > 0,
+            "train.fail_at_iteration", "must be an iteration > 0, or null (the test hook off)")
     require(cfg.ray.num_workers > 0, "ray.num_workers", "must be > 0")
     require(cfg.ray.min_workers is None or 0 < cfg.ray.min_workers <= cfg.ray.num_workers,
             "ray.min_workers", f"must be between 1 and ray.num_workers ({cfg.ray.num_workers})")
     require(cfg.ray.resize_interval_s >= 0, "ray.resize_interval_s", "must be >= 0")
     require(cfg.ray.cpus_per_worker > 0, "ray.cpus_per_worker", "must be > 0")
+    require(cfg.ray.start_timeout_s > 0, "ray.start_timeout_s",
+            "must be > 0 seconds (how long a run waits for its workers' resources)")
+    for name, amount in cfg.ray.resources_per_worker.items():
+        require(name != "CPU", "ray.resources_per_worker.CPU", "is ray.cpus_per_worker; set that")
+        require(amount > 0, f"ray.resources_per_worker.{name}", f"= {amount:g} must be > 0")
     gpus = cfg.ray.gpus_per_worker
     if gpus is not None:
         require(cfg.ray.use_gpu, "ray.gpus_per_worker", "needs ray.use_gpu=true")
@@ -377,6 +397,10 @@ def _validate(cfg: ExperimentConfig, source: str) -> None:
         f"({cfg.ray.num_workers}) x per-worker batch ({cfg.micro_batch_size}); "
         "change train.global_batch_size or train.per_worker_batch_size",
     )
+    for key in ("crop", "stride"):
+        window = getattr(cfg.eval, key)
+        require(window is None or (len(window) == 2 and min(window) > 0), f"eval.{key}",
+                "must be [height, width], both > 0 (or null)")
     if cfg.eval.mode == "slide":
         require(
             cfg.eval.crop is not None and cfg.eval.stride is not None,
@@ -385,6 +409,7 @@ def _validate(cfg: ExperimentConfig, source: str) -> None:
         )
     require(cfg.eval.batch_size > 0, "eval.batch_size", "must be > 0")
     require(bool(cfg.run.storage_path), "run.storage_path", "must not be empty")
+    require(bool(cfg.mlflow.experiment.strip()), "mlflow.experiment", "is empty; name one")
     require(not cfg.registry.register or (cfg.registry.name.strip() != "" and not any(
         c in cfg.registry.name for c in "/:%")), "registry.name",
         f"= {cfg.registry.name!r} is not a model registry name (no '/', ':' or '%'; MLflow's "
@@ -402,6 +427,7 @@ def _validate_tune(cfg: ExperimentConfig, tune: TuneConfig, source: str, require
     """The search settings, and every config a trial can get: each searched value and the
     warm start are applied to the config (without its tune section) and validated."""
     require(tune.trials >= 1, "tune.trials", f"= {tune.trials} must be a positive integer")
+    require(tune.seed >= 0, "tune.seed", "must be >= 0")
     require(
         tune.max_concurrent is None or tune.max_concurrent >= 1,
         "tune.max_concurrent",

@@ -165,6 +165,9 @@ class RayConfig:
     # global batch and the batch plan stay the same (data.plan). None: fixed num_workers.
     min_workers: int | None = None
     resize_interval_s: float = 60.0
+    # How long the run waits for its workers' resources before it gives up, saying what it
+    # waited for (pipelines.train.start_wait): a cluster that can grow may still place them.
+    start_timeout_s: float = 600.0
 
 
 @dataclass

@@ -223,3 +223,15 @@ def test_train_sigint_hook_the_driver_overrides() -> None:
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     assert "self._register_sigint_handler(controller)" in inspect.getsource(DataParallelTrainer)
+
+
+def test_actor_table_the_start_watch_reads() -> None:
+    """pipelines.train.start_wait sees a run's workers come up in the GCS actor table, by the
+    class name of Ray Train V2's worker actor; renamed, a run would be stopped after
+    ray.start_timeout_s although its workers train."""
+    from pipelines.train.start_wait import WORKER_CLASS
+
+    used_by = "pipelines/train/start_wait.py (the bounded wait for a run's workers)"
+    actors = _hook("ray._private.state", "actors", used_by)
+    assert {"job_id", "actor_state_name"} <= set(_params(actors)), used_by
+    _hook("ray.train.v2._internal.execution.worker_group.worker", WORKER_CLASS, used_by)

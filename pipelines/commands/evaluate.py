@@ -26,6 +26,7 @@ import numpy as np
 
 from data.manifest import load_manifest
 from data.storage import endpoint_env
+from pipelines.arg_types import positive_int
 from pipelines.cluster import init_ray
 from pipelines.tracking.registry import tracking_env, use_tracking_uri
 
@@ -299,17 +300,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="default: the training run's eval.mode, else auto (slide on large images)",
     )
-    parser.add_argument("--crop", nargs=2, type=int, metavar=("H", "W"), help="slide window")
-    parser.add_argument("--stride", nargs=2, type=int, metavar=("H", "W"), help="slide stride")
+    parser.add_argument("--crop", nargs=2, type=positive_int, metavar=("H", "W"), help="slide window")
+    parser.add_argument("--stride", nargs=2, type=positive_int, metavar=("H", "W"), help="slide stride")
     parser.add_argument("--tta", action="store_true", help="multi-scale (0.5-1.75) + flip")
-    parser.add_argument("--batch-size", type=int, default=None, help="images per forward pass")
+    parser.add_argument("--batch-size", type=positive_int, default=None, help="images per forward pass")
     parser.add_argument(
         "--distributed",
         choices=("auto", "on", "off"),
         default="auto",
         help=f"Ray Data batch inference (auto: above {RAY_ABOVE} samples)",
     )
-    parser.add_argument("--workers", type=int, default=None, help="Ray inference actors")
+    parser.add_argument("--workers", type=positive_int, default=None, help="Ray inference actors")
     parser.add_argument(
         "--on-error",
         choices=("raise", "skip"),

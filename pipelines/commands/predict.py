@@ -31,7 +31,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data.transforms import rescaled_size  # numpy + PIL only: the ONNX path imports no torch
-from pipelines.arg_types import positive_int
+from pipelines.arg_types import fraction, positive_int
 from pipelines.inference.images import UnsupportedImageError, picture_to_rgb
 from pipelines.inference.threads import inference_threads, set_torch_threads
 from pipelines.tracking.registry import fetch_onnx, use_tracking_uri  # MLflow: on use only
@@ -230,7 +230,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--mode", choices=("auto", "whole", "slide"), default=None)
     parser.add_argument("--tta", action="store_true", help="multi-scale (0.5-1.75) + flip")
     parser.add_argument("--batch-size", type=positive_int, default=None)
-    parser.add_argument("--alpha", type=float, default=0.5, help="overlay colour weight")
+    parser.add_argument("--alpha", type=fraction, default=0.5, help="overlay colour weight")
     parser.add_argument(
         "--threads",
         type=positive_int,

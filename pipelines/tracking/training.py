@@ -21,6 +21,7 @@ from pipelines.metric_names import SCORE, metric_name
 from pipelines.tracking import runs as tracking
 
 CURVES = ("train/loss", SCORE, "val/aAcc", "perf/images_per_s")
+RESUME_CHANGED_TAG = "resume.changed"  # what each --resume changed, one line per resume
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,16 @@ def open_training_run(
     client.log_text(run_id, to_yaml(cfg), "config.yaml")
     client.log_dict(run_id, dict(meta), "dataset_meta.json")
     return TrainingRecord(uri, run_id)
+
+
+def record_resume_changes(record: TrainingRecord, cfg: ExperimentConfig, changes: str) -> None:
+    """What a `--resume` changed from the run's saved config: appended to the tag
+    `resume.changed` (params are write-once), and config.yaml replaced by the config now."""
+    client = record.client
+    earlier = client.get_run(record.run_id).data.tags.get(RESUME_CHANGED_TAG)
+    client.set_tag(record.run_id, RESUME_CHANGED_TAG,
+                   f"{earlier}\n{changes}" if earlier else changes)
+    client.log_text(record.run_id, to_yaml(cfg), "config.yaml")
 
 
 def fail_training_run(

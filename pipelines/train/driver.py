@@ -30,6 +30,8 @@ from pipelines.tracking import registry
 from pipelines.tracking import training as tracking
 from pipelines.train.loop import WorkerArgs, train_loop_per_worker
 from pipelines.train.resolve import ResolvedRun, release_unused_claim, resolve
+from pipelines.train.resume import describe_changes
+from pipelines.train.start_wait import bounded_start
 
 
 @dataclass
@@ -103,6 +105,10 @@ def run_training(
         meta=run.meta.to_dict(), parent_run_id=mlflow_parent_run_id, tags=mlflow_run_tags,
     )
     try:
+        if run.resume_changes:
+            changes = describe_changes(run.resume_changes)
+            print(f"[segnext] resumed with changes: {changes}", flush=True)
+            tracking.record_resume_changes(record, cfg, changes)
         init_ray(cfg.ray.address)  # a refused or timed-out start ends the MLflow run FAILED too
         check_fits(worker_resources(cfg), cfg.ray.min_workers or cfg.ray.num_workers,
                    key="ray.num_workers / ray.cpus_per_worker / ray.use_gpu")
@@ -155,7 +161,9 @@ def _fit(run: ResolvedRun, callbacks: list | None, record: tracking.TrainingReco
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
-    return trainer.fit()
+    with bounded_start(cfg.ray.min_workers or cfg.ray.num_workers, worker_resources(cfg),
+                       cfg.ray.start_timeout_s):
+        return trainer.fit()
 
 
 class _Trainer(TorchTrainer):

@@ -22,7 +22,7 @@ import re
 import socket
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from pipelines.checkpoint_io import build_meta
 from pipelines.config import ConfigError, ExperimentConfig, to_flat_dict, with_overrides
 from pipelines.meta import EvalMeta, ModelMeta
 from pipelines.tracking.training import existing_run_id
-from pipelines.train import initial_weights
+from pipelines.train import initial_weights, resume
 from pipelines.train.loop import build_model
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -54,6 +54,8 @@ class ResolvedRun:
     num_params: int
     stream: TrainStream  # the indexed training samples and their batch plan
     storage_env: dict[str, str]  # the storage endpoint's variables, for the Ray workers
+    # --resume: the keys changed from the run's saved config, {key: (saved, given)}
+    resume_changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)
 
     @property
     def run_name(self) -> str:
@@ -102,19 +104,23 @@ def resolve(
     """
     storage = _absolute(storage_path or cfg.run.storage_path)
     name = run_name or cfg.run.name or f"{default_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    cfg = replace(cfg, run=replace(cfg.run, name=name, storage_path=storage))
+    cfg = replace(cfg, run=replace(cfg.run, name=name, storage_path=storage),
+                  data=replace(cfg.data, root=_absolute(cfg.data.root)))
     storage_env = configure_endpoint(cfg.storage.endpoint)
-    root = _absolute(cfg.data.root)
     _check_run_name(name)
     _check_run_folder(cfg, exists_already)
+    changes: dict[str, tuple[Any, Any]] = {}
+    if exists_already:  # --resume: the run's saved config, with the changes it allows
+        cfg, changes = resume.continue_config(cfg, join(storage, name))
+    given = cfg  # what a new run saves: the config before the manifest fills it in
+    root = cfg.data.root
     preflight(root, storage)  # endpoint, bucket, credentials: before any worker starts
     manifest = _read_manifest(root)
-    cfg = replace(cfg, data=replace(cfg.data, root=root))
     _check_splits(cfg, manifest)
     _check_shards_present(manifest, [cfg.data.val_split], cfg.data.on_error)
     num_classes = len(manifest.classes)
-    top_k = cfg.model.classifier_kwargs.get("top_k")
-    if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= num_classes):
+    top_k = cfg.model.classifier_kwargs.get("top_k")  # >= 1 is checked at load
+    if top_k is not None and top_k > num_classes:
         raise ConfigError(f"model.classifier_kwargs.top_k = {top_k!r} must be a whole number "
                           f"in 1..{num_classes} (the classes of {root})")
     cfg = replace(
@@ -130,7 +136,8 @@ def resolve(
     run = _derive(cfg, manifest, _train_stream(cfg), storage_env)
     if exists_already is False:  # last: a run refused above leaves its name free
         _claim_run_name(cfg)
-    return run
+        resume.save_config(given, run.run_uri)
+    return replace(run, resume_changes=changes)
 
 
 # ---------------------------------------------------------------------------------- pieces
@@ -222,12 +229,14 @@ def _claim_run_name(cfg: ExperimentConfig) -> None:
 
 def release_unused_claim(run: ResolvedRun) -> None:
     """Give the run's name back when the run never wrote anything (Ray refused to start, say):
-    its local folder holds the claim only. A folder with anything else in it stays."""
+    its local folder holds the claim and the saved config only. Anything else: it stays."""
     folder = Path(run.storage_path, run.run_name)
     if is_remote(run.storage_path) or not folder.is_dir():
         return
-    if [entry.name for entry in folder.iterdir()] == [CLAIM_FILE]:
-        (folder / CLAIM_FILE).unlink()
+    entries = list(folder.iterdir())
+    if {entry.name for entry in entries} <= {CLAIM_FILE, resume.SAVED_CONFIG}:
+        for entry in entries:
+            entry.unlink()
         folder.rmdir()
 
 

@@ -87,6 +87,20 @@ def test_an_unusable_registry_name_fails_before_workers(
          "--min-agreement: 1.01 must be in [0, 1]"),
         (["export", "--model", "m.pt", "--out", "m.onnx", "--opset", "5"],
          "--opset: 5 is outside 7.."),
+        (["export", "--model", "m.pt", "--out", "m.onnx", "--height", "0", "--width", "8"],
+         "--height: 0 must be >= 1"),
+        (["predict", "--model", "m.pt", "--input", "x.png", "--out", "o", "--alpha", "1.5"],
+         "--alpha: 1.5 must be in [0, 1]"),
+        (["predict", "--model", "m.pt", "--input", "x.png", "--out", "o", "--threads", "0"],
+         "--threads: 0 must be >= 1"),
+        (["eval", "--model", "m.pt", "--data", "d", "--batch-size", "0"],
+         "--batch-size: 0 must be >= 1"),
+        (["eval", "--model", "m.pt", "--data", "d", "--crop", "512", "-1"],
+         "--crop: -1 must be >= 1"),
+        (["eval", "--model", "m.pt", "--data", "d", "--stride", "0", "8"],
+         "--stride: 0 must be >= 1"),
+        (["eval", "--model", "m.pt", "--data", "d", "--workers", "0"],
+         "--workers: 0 must be >= 1"),
     ],
 )
 def test_command_options_out_of_range_stop_at_once(
@@ -441,3 +455,119 @@ def test_overrides_may_follow_resume_as_for_tune(
     assert "--resume nosuchrun: no run folder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--config", str(workdir / "exp.yaml"), "--resume", "x", "--bogus"])
+
+
+def _started(workdir: Path, name: str) -> None:
+    """A new run named `name` as `segnext train` starts it, up to Ray: its folder claimed and
+    its config saved."""
+    resolve(load_config(workdir / "exp.yaml", [f"run.name={name}"]), exists_already=False)
+
+
+def test_a_resume_that_changes_the_loss_is_refused_naming_the_keys(
+    workdir: Path, no_workers: None, capsys: pytest.CaptureFixture
+) -> None:
+    _started(workdir, "keeps-its-loss")
+    code = main(["train", "--config", str(workdir / "exp.yaml"), "--resume", "keeps-its-loss",
+                 "loss.class_balance=0.2", "optim.lr=1e-3", "schedule.iterations=8"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "loss.class_balance: saved 0.5, given 0.2" in err
+    assert "optim.lr: saved 0.002, given 0.001" in err
+    assert "schedule.iterations" not in err.split("A resume may change")[0]  # allowed
+
+
+def test_a_resume_keeps_the_saved_value_of_a_changed_default(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The issue's case: the integrated head's class_balance default changed after the run
+    started; the resume trains with the value the run started with."""
+    from pipelines import config_schema
+
+    _started(workdir, "old-default")
+    monkeypatch.setitem(config_schema.DEFAULT_CLASS_BALANCE, "integrated", 0.25)
+    resumed = resolve(load_config(workdir / "exp.yaml"), run_name="old-default",
+                      exists_already=True)
+    assert resumed.cfg.loss.class_balance == 0.5 and resumed.resume_changes == {}
+
+
+def test_a_resume_may_extend_the_run_and_the_mlflow_run_records_it(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from mlflow import MlflowClient
+
+    from pipelines.train.resume import SAVED_CONFIG
+
+    _started(workdir, "extended")
+    trained = []
+
+    def fit(run, callbacks, record):  # stands in for Ray Train: what would it train?
+        trained.append((run.cfg, record.run_id))
+        raise RuntimeError("stop before Ray")
+
+    monkeypatch.setattr(train_module, "init_ray", lambda address: "nowhere")
+    monkeypatch.setattr(train_module, "check_fits", lambda *args, **kwargs: None)
+    monkeypatch.setattr(train_module, "_fit", fit)
+    code = main(["train", "--config", str(workdir / "exp.yaml"), "--resume", "extended",
+                 "schedule.iterations=8", "ray.num_workers=1"])
+    assert code == 1 and "stop before Ray" in capsys.readouterr().err
+    [(cfg, run_id)] = trained
+    assert (cfg.schedule.iterations, cfg.ray.num_workers) == (8, 1)
+    assert cfg.train.per_worker_batch_size == 4  # the saved micro-batch: 2 accumulated steps
+    tags = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}").get_run(run_id).data.tags
+    assert tags["resume.changed"] == ("ray.num_workers: 2 -> 1; schedule.iterations: 6 -> 8")
+    saved = load_config(workdir / "ray" / "extended" / SAVED_CONFIG)
+    assert saved.schedule.iterations == 8  # the next resume compares with the new length
+
+
+def test_a_run_saved_before_configs_were_resumes_with_the_command_line(
+    workdir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from pipelines.train.resume import SAVED_CONFIG
+
+    _started(workdir, "older")
+    (workdir / "ray" / "older" / SAVED_CONFIG).unlink()
+    resumed = resolve(load_config(workdir / "exp.yaml", ["optim.lr=1e-3"]), run_name="older",
+                      exists_already=True)
+    assert resumed.cfg.optim.lr == 1e-3
+    assert "has no saved config" in capsys.readouterr().out
+    assert (workdir / "ray" / "older" / SAVED_CONFIG).is_file()  # checked from now on
+
+
+@pytest.fixture
+def joined_cluster():
+    """A one-node cluster of 2 CPUs this process joins as `ray.address` (one that could grow:
+    nothing is refused up front)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 2, "include_dashboard": False})
+    yield cluster.address
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.mark.slow
+def test_a_wait_for_workers_a_joined_cluster_lacks_is_announced_and_bounded(
+    workdir: Path, joined_cluster: str, capsys: pytest.CaptureFixture
+) -> None:
+    from mlflow import MlflowClient
+
+    from pipelines.tracking.runs import RUN_NAME_TAG
+
+    code = main(["train", "--config", str(workdir / "exp.yaml"), f"ray.address={joined_cluster}",
+                 "ray.resources_per_worker={segnext_missing: 1}", "ray.start_timeout_s=8",
+                 "run.name=never-placed"])
+    out, err = capsys.readouterr()
+    assert code == 2, err
+    assert ("[segnext] waiting for 2 worker(s) of {CPU: 0.5, segnext_missing: 1} (the cluster "
+            "has {CPU: 2, segnext_missing: 0} free of {CPU: 2, segnext_missing: 0}); gives up "
+            "after 8 s (ray.start_timeout_s)") in out
+    assert "ray.start_timeout_s: the Ray cluster did not place 2 worker(s)" in err
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("test")
+    [run] = client.search_runs([experiment.experiment_id],
+                               filter_string=f"tags.`{RUN_NAME_TAG}` = 'never-placed'")
+    assert run.info.status == "FAILED"
