@@ -76,6 +76,7 @@ class EvalResult:
     settings: dict[str, Any] = field(default_factory=dict)  # the Segmenter's, minus mean/std
     model_run_id: str | None = None  # the MLflow run that logged the model, if any
     skipped: dict[str, Any] = field(default_factory=lambda: {"count": 0, "examples": []})
+    manifest: Manifest | None = None  # the shards' manifest (MLflow logs the split as a dataset)
 
 
 def evaluate_local(
@@ -227,7 +228,7 @@ def evaluate(
     scores = accumulator.compute(class_names=manifest.classes, top_confused=TOP_CONFUSED)
     return EvalResult(
         matrix, scores, list(manifest.classes), num_samples, use_ray, settings, source.run_id,
-        skipped=skipped.report(),
+        skipped=skipped.report(), manifest=manifest,
     )
 
 

@@ -13,6 +13,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 
 from pipelines.metric_names import class_iou_metric
+from pipelines.tracking import datasets
 from pipelines.tracking import runs as tracking
 
 if TYPE_CHECKING:
@@ -30,7 +31,8 @@ def log_evaluation(
     tracking_uri: str | None = None,
 ) -> str:
     """Log the scores into a new run (`target="new"`) or the model's run (`"model"`); returns
-    the run id. Metric keys are `eval/<split>/...`."""
+    the run id. Metric keys are `eval/<split>/...`; the split is the run's dataset of context
+    "test" (a split the model's run already has, e.g. its validation split, keeps its context)."""
     uri = tracking.resolve_tracking_uri(tracking_uri)
     client = MlflowClient(uri)
     source_run = result.model_run_id
@@ -55,6 +57,8 @@ def log_evaluation(
     values[f"{prefix}/skipped_samples"] = result.skipped["count"]
     metrics = [Metric(key, float(v), 0, 0) for key, v in values.items() if not math.isnan(v)]
     client.log_batch(run_id, metrics=metrics)
+    if result.manifest is not None:  # the split scored, as a dataset of context "test"
+        datasets.log_splits(client, run_id, result.manifest, [(split, datasets.TEST)])
     figures = (
         (tracking.confusion_matrix_figure(result.matrix, result.class_names), "confusion_matrix"),
         (tracking.per_class_iou_figure(scores["per_class_iou"], result.class_names), "iou"),

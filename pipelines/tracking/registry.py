@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 CHAMPION = "champion"
 MODEL_NAME = "model"  # the logged model's name within the run
 PYFUNC_FORMAT = "segnext-pyfunc/1"
+MAX_DESCRIPTION = 5000  # characters of a model version's description in MLflow's SQL stores
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/]+)|@(?P<alias>[^/]+))$")
 ENTRY_POINT = '''"""Pyfunc entry point of a SegNeXt model (written by pipelines.tracking.registry)."""
 import mlflow
@@ -110,6 +111,7 @@ def _register_local(
     from mlflow import MlflowClient
 
     from pipelines.checkpoint_io import load_checkpoint, resolve_checkpoint_file
+    from pipelines.tracking.datasets import describe_inputs
     from pipelines.tracking.runs import resolve_tracking_uri
 
     file = resolve_checkpoint_file(checkpoint_path)
@@ -138,7 +140,8 @@ def _register_local(
     if promote:
         client.set_registered_model_alias(registry_name, CHAMPION, version.version)
     client.update_model_version(
-        registry_name, version.version, description=_description(payload, run_id, verdict)
+        registry_name, version.version,
+        description=_description(payload, run_id, verdict, datasets=describe_inputs(run)),
     )
     _describe_registered_model(client, registry_name, payload)
     return client.get_model_version(registry_name, version.version)
@@ -335,13 +338,20 @@ def _champion_verdict(client: Any, name: str, score: float | None) -> tuple[bool
     return False, f"val mIoU {new} vs champion v{version} {old}: not promoted; v{version} stays."
 
 
-def _description(payload: dict[str, Any], run_id: str, verdict: str) -> str:
+def _description(
+    payload: dict[str, Any], run_id: str, verdict: str, *, datasets: list[str] | None = None
+) -> str:
+    """What the version is, the champion verdict, and the datasets its run logged (name,
+    context, digest, source: `pipelines.tracking.datasets.describe_inputs`)."""
     meta = payload_meta(payload)
-    return (
+    text = (
         f"SegNeXt-{meta.variant} ({meta.classifier} classifier), "
         f"{meta.num_classes} classes, iteration {payload.get('iteration', '?')} of run "
         f"{run_id}. {verdict}"
     )
+    if datasets:
+        text += "\n\nDatasets: " + "; ".join(datasets) + "."
+    return text if len(text) <= MAX_DESCRIPTION else text[: MAX_DESCRIPTION - 4] + " ..."
 
 
 ONNX_ARTIFACT = "model.onnx"  # the ONNX file's name inside a registered version's model folder

@@ -16,8 +16,10 @@ import ray
 import torch
 from mlflow.tracking import MlflowClient
 
+from data.manifest import Manifest
 from pipelines.config import ExperimentConfig, to_flat_dict, to_yaml
 from pipelines.metric_names import SCORE, metric_name
+from pipelines.tracking import datasets
 from pipelines.tracking import runs as tracking
 
 CURVES = ("train/loss", SCORE, "val/aAcc", "perf/images_per_s")
@@ -54,10 +56,12 @@ def open_training_run(
     meta: Mapping[str, Any],
     parent_run_id: str | None = None,
     tags: Mapping[str, Any] | None = None,
+    manifest: Manifest | None = None,
 ) -> TrainingRecord:
     """Continue the MLflow run of this Ray run (`cfg.run.name`) if there is one, else create
     it with params, config and meta; either way its Description says what this attempt trains
-    (`finish_training_run` adds the outcome)."""
+    (`finish_training_run` adds the outcome), and with the shards' `manifest` the training and
+    validation splits are logged as its datasets (`pipelines.tracking.datasets`)."""
     uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
     experiment_id = tracking.ensure_experiment(uri, cfg.mlflow.experiment)
     client = MlflowClient(uri)
@@ -70,6 +74,7 @@ def open_training_run(
     if run_id is not None:
         client.update_run(run_id, status="RUNNING")
         tracking.set_description(client, run_id, opening + "\n- Resumed from its latest checkpoint")
+        _log_datasets(client, run_id, cfg, manifest)
         print(f"[segnext] continuing MLflow run {run_id}", flush=True)
         return TrainingRecord(uri, run_id)
     all_tags = {
@@ -87,7 +92,16 @@ def open_training_run(
     tracking.log_params(client, run_id, to_flat_dict(cfg))
     client.log_text(run_id, to_yaml(cfg), "config.yaml")
     client.log_dict(run_id, dict(meta), "dataset_meta.json")
+    _log_datasets(client, run_id, cfg, manifest)
     return TrainingRecord(uri, run_id)
+
+
+def _log_datasets(
+    client: MlflowClient, run_id: str, cfg: ExperimentConfig, manifest: Manifest | None
+) -> None:
+    if manifest is not None:
+        datasets.log_splits(client, run_id, manifest,
+                            datasets.training_contexts(cfg.data.train_splits, cfg.data.val_split))
 
 
 def record_resume_changes(record: TrainingRecord, cfg: ExperimentConfig, changes: str) -> None:

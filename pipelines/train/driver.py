@@ -103,6 +103,7 @@ def run_training(
     record = tracking.open_training_run(
         cfg, num_params=run.num_params, train_samples=run.train_samples,
         meta=run.meta.to_dict(), parent_run_id=mlflow_parent_run_id, tags=mlflow_run_tags,
+        manifest=run.manifest,
     )
     try:
         if run.resume_changes:

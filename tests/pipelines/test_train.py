@@ -322,6 +322,22 @@ def test_validation_scores_as_eval_and_skips_are_tracked(
     run = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}").get_run(result.run_id)
     assert run.data.metrics["data/skipped/train_val"] == result.skipped["train+val"]
     assert run.data.tags["data.skipped.train_val"] == str(result.skipped["train+val"])
+    # the splits it read are the run's MLflow datasets (val both trained and validated on)
+    import json
+
+    from data.manifest import load_manifest
+    from pipelines.tracking.datasets import split_digest
+
+    manifest = load_manifest(shards)
+    inputs = {item.dataset.name: item for item in run.inputs.dataset_inputs}
+    contexts = {name: {tag.key: tag.value for tag in item.tags}["mlflow.data.context"]
+                for name, item in inputs.items()}
+    assert contexts == {f"{manifest.name}/train": "training",
+                        f"{manifest.name}/val": "training,validation"}
+    for split in ("train", "val"):
+        dataset = inputs[f"{manifest.name}/{split}"].dataset
+        assert dataset.digest == split_digest(manifest.split(split)["shards"])
+        assert json.loads(dataset.source) == {"uri": shards.resolve().as_uri()}
 
 
 @pytest.mark.slow
