@@ -9,6 +9,7 @@ writer can stop or skip before anything reaches a shard.
 
 from __future__ import annotations
 
+import errno
 import io
 import re
 from abc import ABC, abstractmethod
@@ -123,15 +124,31 @@ class Source(ABC):
         return mask
 
 
+def read_sample_file(path: str, missing: str) -> bytes:
+    """The bytes of one image or mask file. A path that is not a readable file (a folder named
+    `x.png`, a symbolic-link loop, no permission) is a SampleError naming it, so that `--on-error
+    skip` skips and counts it like any bad sample; `missing` is the message for a missing file."""
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise SampleError(missing) from None
+    except IsADirectoryError:
+        problem, fix = "is a folder, not a file", f"move or rename it (it is in {Path(path).parent})"
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            problem, fix = "is a symbolic link loop", "point the link at a file, or remove it"
+        else:
+            problem, fix = f"cannot be read ({error.strerror})", "make it readable"
+    raise SampleError(f"{path}: {problem}. Fix: {fix}, {SKIP_HINT}.")
+
+
 def read_image(path: str) -> tuple[Image.Image, bytes | None]:
     """Fully decode an image file to RGB; also return its bytes if it already is an RGB PNG."""
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise SampleError(
-            f"{path}: image file does not exist. Fix: restore the file or remove it from the "
-            f"split list, {SKIP_HINT}."
-        ) from None
+    data = read_sample_file(
+        path,
+        missing=f"{path}: image file does not exist. Fix: restore the file or remove it from the "
+        f"split list, {SKIP_HINT}.",
+    )
     try:
         with Image.open(io.BytesIO(data)) as opened:
             opened.load()
@@ -154,12 +171,13 @@ def read_mask(
     """Read an 8-bit label image as its stored ids (palette PNGs: the indices, not colours);
     with `gray`, colour and bilevel masks (binary masks saved as RGB JPEGs) become luminance.
     `colour_fix` is the advice for a colour mask read without `gray`."""
-    if not Path(path).is_file():
-        raise SampleError(
-            f"{image_path}: its mask {path} does not exist. Fix: add the mask file, {SKIP_HINT}."
-        )
+    data = read_sample_file(
+        path,
+        missing=f"{image_path}: its mask {path} does not exist. Fix: add the mask file, "
+        f"{SKIP_HINT}.",
+    )
     try:
-        with Image.open(path) as opened:
+        with Image.open(io.BytesIO(data)) as opened:
             opened.load()
             mode = opened.mode
             if gray and mode in ("1", "LA", "RGB", "RGBA", "CMYK", "YCbCr"):

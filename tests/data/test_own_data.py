@@ -347,6 +347,38 @@ def test_empty_folders_and_all_skipped_are_errors(tmp_path, capsys):
     assert not out2.exists() or list(out2.iterdir()) == []
 
 
+def test_folders_and_link_loops_named_like_images_are_bad_samples(tmp_path, capsys):
+    """A folder `x.png` or a symbolic-link loop among the images (or masks) stops the writer
+    with the path and the fix, or is skipped and counted with --on-error skip."""
+    make_dataset(tmp_path / "data")
+    images = tmp_path / "data" / "train" / "images"
+    masks = tmp_path / "data" / "train" / "masks"
+    (images / "zz_folder.png").mkdir()
+    (images / "zz_loop.png").symlink_to("zz_loop.png")
+    mask_folder = masks / sorted(masks.iterdir())[0].name  # the first image's mask: a folder
+    mask_folder.unlink()
+    mask_folder.mkdir()
+    classes = write_classes(tmp_path / "classes.txt")
+    args = folder_args(tmp_path / "out", classes, "--root", str(tmp_path / "data"))
+    assert main(args) == 1
+    error = capsys.readouterr().err
+    assert f"{mask_folder}: is a folder, not a file. Fix: move or rename it" in error
+    assert "Errno" not in error
+
+    assert main([*args, "--on-error", "skip"]) == 0
+    captured = capsys.readouterr()
+    assert "3 skipped" in captured.out
+    for line in (
+        f"skipped: {images / 'zz_folder.png'}: is a folder, not a file. Fix: move or rename it",
+        f"skipped: {images / 'zz_loop.png'}: is a symbolic link loop. Fix: point the link at a "
+        "file, or remove it",
+        f"skipped: {mask_folder}: is a folder, not a file",
+    ):
+        assert line in captured.err
+    manifest = load_manifest(tmp_path / "out")
+    assert len(manifest.splits["train"]["skipped"]) == 3 and manifest.num_samples("train") == 4
+
+
 def test_duplicate_class_names_are_refused(tmp_path, capsys):
     make_dataset(tmp_path / "data")
     classes = write_classes(tmp_path / "classes.txt", ("background", "polyp", "background"))
