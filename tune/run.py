@@ -47,6 +47,7 @@ from data import storage
 from pipelines.checkpoint_io import load_checkpoint
 from pipelines.cluster import init_ray
 from pipelines.config import ConfigError, ExperimentConfig, TuneConfig, with_overrides
+from pipelines.console import ray_output_on_main_thread
 from pipelines.metric_names import SCORE
 from pipelines.tracking.search import (
     COMPLETED,
@@ -117,7 +118,8 @@ def run_search(
             callbacks=[search_progress(cfg.schedule.iterations, settings.total_trials),
                        *(callbacks or [])],
         )
-        tuner.fit()
+        with ray_output_on_main_thread():  # Tune's trial table: to the log, not the terminal
+            tuner.fit()
         outcomes = collect_outcomes(path, name=name, iterations=cfg.schedule.iterations)
     except BaseException:
         fail_parent_run(client, parent_run_id)
@@ -405,7 +407,7 @@ def collect_outcomes(path: str, *, name: str, iterations: int) -> list[TrialOutc
             status = COMPLETED if iteration >= iterations else STOPPED
         else:
             status = INTERRUPTED if rows else PENDING
-        checkpoint, checkpoint_miou = _best_checkpoint(rows)
+        checkpoint, checkpoint_miou = _best_checkpoint(rows, _scheme(path))
         outcomes.append(
             TrialOutcome(
                 trial_id=trial.trial_id,
@@ -428,19 +430,31 @@ def best_trial(outcomes: list[TrialOutcome]) -> TrialOutcome | None:
     return max(candidates, key=lambda o: o.checkpoint_miou, default=None)
 
 
-def _best_checkpoint(rows: list[dict[str, Any]]) -> tuple[str | None, float | None]:
-    """Train keeps the best checkpoints by val mIoU; pick the best one still on disk."""
+def _best_checkpoint(rows: list[dict[str, Any]],
+                     scheme: str = "") -> tuple[str | None, float | None]:
+    """Train keeps the best checkpoints by val mIoU; pick the best one still on disk.
+
+    The rows hold `Checkpoint.path`, a path of the storage's pyarrow filesystem: on object
+    storage it lacks the scheme (`bucket/search/trial/checkpoint_...`), put back from `scheme`."""
     saved = [
-        row
+        {**row, "checkpoint_path": _with_scheme(row["checkpoint_path"], scheme)}
         for row in rows
-        if isinstance(row.get("checkpoint_path"), str)
-        and _finite(row.get(SCORE))
-        and _may_exist(row["checkpoint_path"])
+        if isinstance(row.get("checkpoint_path"), str) and _finite(row.get(SCORE))
     ]
+    saved = [row for row in saved if _may_exist(row["checkpoint_path"])]
     if not saved:
         return None, None
     row = max(saved, key=lambda r: r[SCORE])
     return row["checkpoint_path"], float(row[SCORE])
+
+
+def _scheme(path: str) -> str:
+    """`s3://bucket/x` -> `s3`; a local path -> ''."""
+    return path.split("://", 1)[0] if "://" in path else ""
+
+
+def _with_scheme(path: str, scheme: str) -> str:
+    return f"{scheme}://{path}" if scheme and "://" not in path else path
 
 
 def _may_exist(path: str) -> bool:

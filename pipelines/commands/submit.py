@@ -22,6 +22,8 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,8 +87,11 @@ def _main(args: argparse.Namespace) -> int:
                     allow_local=args.allow_local)
     client = _client(args.address)
     job_id = f"segnext-{plan.command}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    client.submit_job(entrypoint=shlex.join(plan.entrypoint), runtime_env=plan.runtime_env(),
-                      submission_id=job_id, metadata={"segnext_command": plan.command})
+    print(f"[segnext] uploading {plan.working_dir} (less its git-ignored files) to the cluster",
+          flush=True)
+    with _quiet_ray_client():  # a dozen INFO/WARNING lines per upload about ignored files
+        client.submit_job(entrypoint=shlex.join(plan.entrypoint), runtime_env=plan.runtime_env(),
+                          submission_id=job_id, metadata={"segnext_command": plan.command})
     print(f"[segnext] submitted job {job_id} to {args.address}: {shlex.join(plan.entrypoint)}",
           flush=True)
     commands = _job_commands(job_id, args.address)
@@ -214,6 +219,19 @@ def _client(address: str):
     except ConnectionError as error:
         raise ConfigError(f"no Ray job server answers at {address} ({error}); the address is "
                           "the head's dashboard, http://HEAD:8265") from None
+
+
+@contextmanager
+def _quiet_ray_client() -> Iterator[None]:
+    import logging
+
+    logger = logging.getLogger("ray")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _follow(client, job_id: str) -> None:

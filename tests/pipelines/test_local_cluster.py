@@ -7,8 +7,10 @@ Ray's default ports beside the private cluster segnext starts for itself."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -95,7 +97,8 @@ def test_a_user_cluster_on_default_ports_takes_jobs_beside_a_private_one(
         pytest.skip(f"Ray's default ports are in use on this machine: {sorted(taken)}")
     procs = local_cluster.Processes(tmp_path)
     ray = str(Path(sys.executable).parent / "ray")
-    user = {"RAY_TMPDIR": str(tmp_path), "RAY_AUTH_MODE": "token"}
+    temp = tempfile.mkdtemp(prefix="segnext-user-ray-", dir="/tmp")  # AF_UNIX paths < 108 bytes
+    user = {"RAY_TMPDIR": temp, "RAY_AUTH_MODE": "token"}
     head = procs.start("user-head", [ray, "start", "--head", "--block", "--num-cpus", "1",
                                      "--disable-usage-stats"], **user)
     try:
@@ -111,4 +114,5 @@ def test_a_user_cluster_on_default_ports_takes_jobs_beside_a_private_one(
         assert "succeeded" in job.stdout.lower()
     finally:
         left = procs.stop_all()
+        shutil.rmtree(temp, ignore_errors=True)
     assert not left, left

@@ -313,3 +313,55 @@ def test_search_progress_line_counts_trials_and_best() -> None:
     )
     # Tune creates trials as slots free up: the count is the search's, not the trials seen yet
     assert "failed of 8;" in search_progress(iterations=100, total=8).line(trials)
+
+
+def test_checkpoints_on_object_storage_keep_their_scheme() -> None:
+    """Ray reports a checkpoint's path on its pyarrow filesystem: on S3 `bucket/key`, which the
+    best trial must name as `s3://bucket/key` (it was read as a missing local folder, so a
+    search on S3 found no best trial)."""
+    from tune.run import _best_checkpoint
+
+    rows = [{"val/mIoU": 0.2, "checkpoint_path": "bucket/tune/s/t0/checkpoint_2"},
+            {"val/mIoU": 0.3, "checkpoint_path": "bucket/tune/s/t0/checkpoint_4"},
+            {"val/mIoU": 0.4}]
+    assert _best_checkpoint(rows, "s3") == ("s3://bucket/tune/s/t0/checkpoint_4", 0.3)
+    assert _best_checkpoint(rows, "") == (None, None)  # local: neither folder exists
+
+
+@pytest.mark.slow
+def test_sigterm_to_tune_leaves_no_ray_process(tmp_path: Path, synthetic_shards: Path) -> None:
+    """SIGTERM to `segnext tune` mid-trial: exit 130 and, seconds later, none of the processes
+    of its private cluster (a trial's Train worker, its actors, the head's) is running (a
+    trial's workers ran on for up to a minute, re-parented to init: issue 29, finding 8)."""
+    import subprocess
+    import sys
+    import time
+
+    from pipelines.ray_stop import descendants, running
+
+    repo = Path(__file__).resolve().parents[2]
+
+    config = tmp_path / "search.yaml"
+    config.write_text(SEARCH_YAML.format(shards=synthetic_shards, store=tmp_path))
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.cli", "tune", "--config", str(config),
+         "schedule.iterations=2000", "train.log_every=1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(repo)})
+    seen = []
+    try:
+        for line in cli.stdout:  # until the trial trains
+            seen.append(line)
+            if "[segnext] it " in line:
+                break
+        cluster = descendants({cli.pid})
+        assert len(cluster) >= 5, "".join(seen[-20:])
+        cli.send_signal(signal.SIGTERM)
+        seen.extend(cli.stdout)
+        assert cli.wait(timeout=120) == 130, "".join(seen[-20:])
+    finally:
+        cli.kill()
+    deadline = time.monotonic() + 5
+    while (left := [pid for pid in cluster if running(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"still running 5 s after `segnext tune` exited: {left}"
