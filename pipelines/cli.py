@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from pipelines.console import quiet_console
+    from pipelines.ray_stop import stop_ray
 
     argv = list(sys.argv[1:] if argv is None else argv)
     flags = [token for token in argv if token in GLOBAL_FLAGS]
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return int(args.func(args) or 0)
         except KeyboardInterrupt as stop:  # its text, if any, says how to continue
-            print(f"segnext {args.command}: {stop or 'interrupted'}", file=sys.stderr)
+            print(f"segnext {args.command}: {str(stop) or 'interrupted'}", file=sys.stderr)
             return 130
         except Exception as error:
             if args.debug:
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2 if is_user_error(root_cause(error)) else 1
         finally:
             if not had_ray and _ray_connected():  # inside the console: late worker logs filtered
-                sys.modules["ray"].shutdown()
+                stop_ray()  # a private cluster with every process it ran
 
 
 def _is_override(token: str) -> bool:

@@ -10,7 +10,10 @@ records below ERROR (the token-auth WARNING of `ray.init`): those, Python warnin
 logs of MLflow go to the log only; Ray's ERROR records still show. Every line, shown or not, goes
 to a log file (uploaded to the MLflow run by `segnext train`). Each thread's partial line is kept
 apart, so a worker line is never glued to one of ours. On a terminal the training progress lines
-(`[segnext] it ...`) overwrite each other in place. `segnext --verbose` turns all of this off.
+(`[segnext] it ...`) overwrite each other in place. Ray Tune prints its trial table on the main
+thread inside `Tuner.fit`: `ray_output_on_main_thread` makes such a block count as Ray's output
+(only `[segnext` lines show, the table reaches the log), and MLflow's "Downloading artifacts"
+bars are off while the console is quiet. `segnext --verbose` turns all of this off.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import contextlib
 import functools
 import io
 import logging
+import os
 import re
 import sys
 import threading
@@ -38,8 +42,11 @@ RAY_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\t(?P<level>[A-Z]+)
 SHOWN_LEVELS = ("ERROR", "CRITICAL", "FATAL")
 RAY_PRINTER = ("print_worker_logs", "ray._private.worker")  # prints forwarded lines: (name, module)
 NOISY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.air", "mlflow")
+# MLflow draws a tqdm bar on stderr for every artifact download/upload (warm starts, registry)
+QUIET_ENV = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 
 _current_log: Path | None = None
+_main_thread_is_ray = threading.Event()  # set inside `ray_output_on_main_thread`
 
 
 def current_log() -> Path | None:
@@ -63,7 +70,11 @@ class ConsoleFilter(io.TextIOBase):
 
     def write(self, text: str) -> int:
         thread = threading.get_ident()
-        forwarded = threading.current_thread() is not threading.main_thread() or _printed_by_ray()
+        forwarded = (
+            threading.current_thread() is not threading.main_thread()
+            or _main_thread_is_ray.is_set()
+            or _printed_by_ray()
+        )
         with self._lock:
             start, was_forwarded = self.pending.pop(thread, ("", False))
             forwarded = forwarded or was_forwarded
@@ -130,6 +141,8 @@ def quiet_console(command: str, *, enabled: bool = True,
     path = folder / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}.log"
     saved_streams = sys.stdout, sys.stderr
     saved_levels = {name: logging.getLogger(name).level for name in NOISY_LOGGERS}
+    saved_env = {name: os.environ.get(name) for name in QUIET_ENV}
+    os.environ.update(QUIET_ENV)
     _import_ray()
     with open(path, "a", buffering=1) as log, warnings.catch_warnings():
         warnings.showwarning = functools.partial(_log_warning, log)
@@ -150,6 +163,23 @@ def quiet_console(command: str, *, enabled: bool = True,
             _current_log = None
             for name, level in saved_levels.items():
                 logging.getLogger(name).setLevel(level)
+            for name, value in saved_env.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
+@contextlib.contextmanager
+def ray_output_on_main_thread() -> Iterator[None]:
+    """While the block runs, what the main thread prints counts as Ray's output: under the
+    quiet console only the project's `[segnext` lines show, everything reaches the log. For
+    `Tuner.fit`, which prints Ray Tune's trial table on the main thread between our lines."""
+    _main_thread_is_ray.set()
+    try:
+        yield
+    finally:
+        _main_thread_is_ray.clear()
 
 
 def log_only(text: str) -> None:

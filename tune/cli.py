@@ -15,6 +15,7 @@ from pathlib import Path
 
 from data.storage import StorageError
 from pipelines.config import ConfigError
+from pipelines.ray_stop import stop_ray
 from tune.space import load_search_config
 
 
@@ -77,7 +78,7 @@ def _main(args: argparse.Namespace) -> int:
         print(f"segnext tune: configuration error: {error}", file=sys.stderr)
         return 2
     finally:
-        _shutdown_ray()  # workers' late log lines would otherwise interleave with the table
+        stop_ray()  # workers' late log lines would otherwise interleave with the table
     resume = shlex.join(
         ["segnext", "tune", "--config", args.config, "--resume", name, *args.overrides]
     )
@@ -85,9 +86,3 @@ def _main(args: argparse.Namespace) -> int:
     if summary.interrupted:
         return 130
     return 0 if summary.best is not None else 1
-
-
-def _shutdown_ray() -> None:
-    """Disconnect (and stop a cluster this process started); a no-op without Ray."""
-    if "ray" in sys.modules:
-        sys.modules["ray"].shutdown()

@@ -9,7 +9,13 @@ import warnings
 from pathlib import Path
 
 from pipelines.cli import error_message, is_user_error
-from pipelines.console import ConsoleFilter, current_log, log_only, quiet_console
+from pipelines.console import (
+    ConsoleFilter,
+    current_log,
+    log_only,
+    quiet_console,
+    ray_output_on_main_thread,
+)
 
 
 def forwarded(stream: ConsoleFilter, text: str) -> None:
@@ -125,6 +131,42 @@ def test_quiet_console_sends_warnings_and_detail_to_the_log(tmp_path: Path, caps
     assert "deprecated thing" not in out.out + out.err
     text = path.read_text()
     assert "deprecated thing" in text and "lots of YAML" in text and "visible" in text
+
+
+def test_ray_tunes_table_printed_on_the_main_thread_goes_to_the_log(tmp_path: Path,
+                                                                    capsys) -> None:
+    """Inside `Tuner.fit` Ray Tune prints its trial table on the main thread, between the
+    search's own status lines: only ours reach the terminal."""
+    from ray.tune.experimental.output import TuneTerminalReporter
+
+    with quiet_console("tune", log_dir=tmp_path) as path:
+        with ray_output_on_main_thread():
+            TuneTerminalReporter(verbosity=1).experiment_started(
+                "search", "/tmp/search", "random", "ASHA", 4
+            )
+            print("Trial status: 1 RUNNING")
+            print("[segnext tune] trials: 1 running, 0 done")
+        print("summary after the search")
+    out = capsys.readouterr().out
+    assert "Configuration for experiment" not in out and "Trial status" not in out
+    assert "[segnext tune] trials: 1 running" in out and "summary after the search" in out
+    text = path.read_text()
+    assert "Configuration for experiment" in text and "Trial status: 1 RUNNING" in text
+
+
+def test_mlflow_draws_no_download_bar_under_the_quiet_console(tmp_path: Path, capsys) -> None:
+    import mlflow
+
+    folder = tmp_path / "artifacts"
+    folder.mkdir()
+    for name in ("MLmodel", "checkpoint.pt"):
+        (folder / name).write_text(name)
+    with quiet_console("tune", log_dir=tmp_path / "logs"):
+        mlflow.artifacts.download_artifacts(folder.as_uri(), dst_path=str(tmp_path / "got"))
+    assert "Downloading artifacts" not in capsys.readouterr().err
+    assert (tmp_path / "got" / "artifacts" / "MLmodel").is_file()
+    mlflow.artifacts.download_artifacts(folder.as_uri(), dst_path=str(tmp_path / "again"))
+    assert "Downloading artifacts" in capsys.readouterr().err  # the setting is put back
 
 
 def test_error_messages_are_one_line_for_users() -> None:
