@@ -31,6 +31,7 @@ from data.manifest import (
 )
 from data.samples import SampleReadError
 from data.shard_index import SampleEntry, index_table, load_split_index, scan_members
+from data.sources.base import DataError
 from data.storage import resolve_filesystem
 
 
@@ -70,6 +71,9 @@ def verify(
 ) -> VerifyReport:
     """Re-read every shard: size and sha256 against the manifest, every member decoded, mask
     ids within the classes, sample and pixel counts as recorded."""
+    if max_problems < 1:  # 0 or less would stop at once and report a dataset never read as OK
+        raise DataError(f"--max-problems {max_problems}: use 1 or more (problems listed before "
+                        "verification stops)")
     manifest = load_manifest(root)
     filesystem, base = resolve_filesystem(os.fspath(root))
     problems = _Problems(max_problems)

@@ -381,7 +381,8 @@ def write_shards(
     temp file is left behind and the previous dataset in `out` stays intact; signals raise
     `Interrupted`.
     """
-    _check_options(image_format, jpeg_quality, on_error, shard_size, shard_bytes, workers)
+    _check_options(image_format, jpeg_quality, on_error, shard_size, shard_bytes, workers,
+                   limit)
     check_class_names(source.classes, f"{source.name} source")
     started = time.perf_counter()
     out_dir = Path(out)
@@ -486,7 +487,9 @@ def _check_options(
     shard_size: int,
     shard_bytes: int | None,
     workers: int,
+    limit: int | Mapping[str, int] | None = None,
 ) -> None:
+    """Every option's range, before the output folder is touched or a sample read."""
     problems = []
     if image_format not in IMAGE_FORMATS:
         problems.append(f"image format {image_format!r} (use jpg or png)")
@@ -498,6 +501,9 @@ def _check_options(
         problems.append("--shard-size / --shard-bytes below 1")
     if workers < 1:
         problems.append(f"--workers {workers} (use 1 or more)")
+    counts = limit.values() if isinstance(limit, Mapping) else [] if limit is None else [limit]
+    if any(count < 1 for count in counts):  # a slice by 0 or -N would drop samples silently
+        problems.append(f"--limit {limit} (use 1 or more samples per split)")
     if problems:
         raise DataError(f"invalid shard options: {'; '.join(problems)}.")
 

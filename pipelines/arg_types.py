@@ -39,6 +39,23 @@ def onnx_opset(text: str) -> int:
     return value
 
 
+REGISTRY_NAME_RULE = "no '/', ':' or '%'; MLflow's models:/NAME/VERSION URIs would break"
+
+
+def is_registry_name(name: str) -> bool:
+    """Whether MLflow's model registry can hold `name` and its models:/NAME/VERSION URIs parse:
+    the one rule behind `registry.name` and `segnext register --name`."""
+    return name.strip() != "" and not any(c in name for c in "/:%")
+
+
+def registry_name(text: str) -> str:
+    """A registered model name (checked before the checkpoint is read or anything logged)."""
+    if not is_registry_name(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a model registry name "
+                                         f"({REGISTRY_NAME_RULE})")
+    return text
+
+
 def _whole_number(text: str) -> int:
     try:
         return int(text)

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
+from pipelines.arg_types import REGISTRY_NAME_RULE, is_registry_name
 from pipelines.config_schema import (  # the schema; re-exported: import it from here
     DEFAULT_CLASS_BALANCE,
     DISTRIBUTIONS,
@@ -410,10 +411,8 @@ def _validate(cfg: ExperimentConfig, source: str) -> None:
     require(cfg.eval.batch_size > 0, "eval.batch_size", "must be > 0")
     require(bool(cfg.run.storage_path), "run.storage_path", "must not be empty")
     require(bool(cfg.mlflow.experiment.strip()), "mlflow.experiment", "is empty; name one")
-    require(not cfg.registry.register or (cfg.registry.name.strip() != "" and not any(
-        c in cfg.registry.name for c in "/:%")), "registry.name",
-        f"= {cfg.registry.name!r} is not a model registry name (no '/', ':' or '%'; MLflow's "
-        "models:/NAME/VERSION URIs would break)")
+    require(not cfg.registry.register or is_registry_name(cfg.registry.name), "registry.name",
+            f"= {cfg.registry.name!r} is not a model registry name ({REGISTRY_NAME_RULE})")
     require(
         cfg.storage.endpoint is None or cfg.storage.endpoint.startswith(("http://", "https://")),
         "storage.endpoint",

@@ -137,3 +137,19 @@ def ray_session() -> Iterator[None]:
     init_ray("local", num_cpus=2)
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def joined_cluster() -> Iterator[str]:
+    """The address of a one-node cluster of 2 CPUs, for a command to join as `ray.address`
+    (one that could grow: nothing is refused up front); shut down after the test."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 2, "include_dashboard": False})
+    yield cluster.address
+    ray.shutdown()
+    cluster.shutdown()

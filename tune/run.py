@@ -70,7 +70,8 @@ from pipelines.tracking.search import (
 )
 from pipelines.train import driver
 from pipelines.train.initial_weights import WarmStartMissing
-from pipelines.train.resolve import ResolvedRun, resolve
+from pipelines.train.resolve import ResolvedRun, check_run_name, resolve
+from pipelines.train.start_wait import bounded_start
 from tune.plan import TRIAL_DRIVER_CPU, _plan
 from tune.report import (
     close_figure,
@@ -118,7 +119,12 @@ def run_search(
             callbacks=[search_progress(cfg.schedule.iterations, settings.total_trials),
                        *(callbacks or [])],
         )
-        with ray_output_on_main_thread():  # Tune's trial table: to the log, not the terminal
+        # Tune's trial table: to the log, not the terminal. On a cluster that can grow
+        # (tune.capacity) trials may wait for nodes: announced, and bounded by
+        # ray.start_timeout_s until the first trial's workers are up.
+        with ray_output_on_main_thread(), bounded_start(
+                cfg.ray.min_workers or cfg.ray.num_workers, driver.worker_resources(cfg),
+                cfg.ray.start_timeout_s):
             tuner.fit()
         outcomes = collect_outcomes(path, name=name, iterations=cfg.schedule.iterations)
     except BaseException:
@@ -167,6 +173,7 @@ def resolve_search(
     (Each trial then derives its own run from it with its params, `_run_trial`: the manifest
     and the sample index are not read again.)
     """
+    check_run_name(name)  # `--resume ../x` too: a search is one folder under run.storage_path
     prepared = resolve_warm_start(cfg, settings, notes)
     _check_classes(settings, prepared.meta.class_names)
     storage_path = prepared.cfg.run.storage_path

@@ -75,6 +75,11 @@ class Folder(Source):
         if not self.class_names:
             raise SourceError("folder source: empty class list. Fix: name at least one class.")
         check_class_names(self.class_names, "folder source")
+        if self.ignore_index is not None and not 0 <= self.ignore_index <= 255:
+            raise SourceError(  # the id indexes the 256-entry mask lookup table
+                f"folder source: --ignore-index {self.ignore_index} is outside 0..255, the ids "
+                "an 8-bit mask holds. Fix: pass the id your masks mark as 'don't care'."
+            )
         for source_id, target_id in self.label_map.items():
             if not 0 <= source_id <= 255 or not (
                 0 <= target_id < len(self.classes) or target_id == IGNORE_INDEX

@@ -172,6 +172,27 @@ def _mt_symbolic(opset: int) -> Iterator[None]:
         unregister_custom_op_symbolic("aten::mT", opset)
 
 
+@contextmanager
+def _exporter_log_discarded() -> Iterator[None]:
+    """The TorchScript exporter's log, sent to nowhere: torch 2.x turns its ONNX log on for
+    every export (`setup_onnx_logging` tests `_C._jit_is_onnx_log_enabled` without calling
+    it) and, when a conversion fails, C++ writes the whole Torch IR graph (340 KB for
+    SegNeXt-T) to file descriptor 1 before our one-line error. `redirect_stdout` cannot catch
+    a C++ write, so descriptor 1 itself points at /dev/null meanwhile."""
+    import sys
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def _trace(
     network: torch.nn.Module,
     path: Path,
@@ -184,11 +205,14 @@ def _trace(
 
     axes = {0: "batch", 2: "height", 3: "width"} if dynamic_size else {0: "batch"}
     example = torch.zeros(1, 3, *size)
-    with warnings.catch_warnings(), _mt_symbolic(opset):
-        # the legacy exporter's deprecation notice, and tracer notes about shape checks that
-        # are constant for this model (the size comparisons in segnext.classifier._resize)
+    with warnings.catch_warnings(), _mt_symbolic(opset), _exporter_log_discarded():
+        # the legacy exporter's deprecation notice, tracer notes about shape checks that are
+        # constant for this model (the size comparisons in segnext.classifier._resize), and
+        # old opsets' "Upsample may not match PyTorch" notes: the onnxruntime check below
+        # measures the agreement itself
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", UserWarning)
         try:
             torch.onnx.export(
                 network,

@@ -37,6 +37,7 @@ from PIL import Image
 
 from data import storage as run_storage
 from data.manifest import load_manifest
+from pipelines import arg_types
 from pipelines.console import current_log, log_only
 from pipelines.meta import payload_meta
 from pipelines.metric_names import SCORE  # the checkpoint metric the champion is chosen by
@@ -488,7 +489,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="best",
         help="best | latest | a checkpoint file or Ray checkpoint folder (default: best)",
     )
-    parser.add_argument("--name", default="segnext", help="registered model name")
+    parser.add_argument("--name", type=arg_types.registry_name, default="segnext",
+                        help="registered model name")
     parser.add_argument(
         "--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or runs/mlflow.db"
     )

@@ -107,7 +107,7 @@ def resolve(
     cfg = replace(cfg, run=replace(cfg.run, name=name, storage_path=storage),
                   data=replace(cfg.data, root=_absolute(cfg.data.root)))
     storage_env = configure_endpoint(cfg.storage.endpoint)
-    _check_run_name(name)
+    check_run_name(name)
     _check_run_folder(cfg, exists_already)
     changes: dict[str, tuple[Any, Any]] = {}
     if exists_already:  # --resume: the run's saved config, with the changes it allows
@@ -171,7 +171,7 @@ def _derive(
     return ResolvedRun(cfg, manifest, meta, num_params, stream, storage_env)
 
 
-def _check_run_name(name: str) -> None:
+def check_run_name(name: str) -> None:
     """A run name is one folder under run.storage_path: no separators, no `..`, no hidden name."""
     if not RUN_NAME.fullmatch(name) or ".." in name:
         raise ConfigError(

@@ -11,7 +11,9 @@ stops with what was asked and what the cluster has.
 
 The watch needs the driver's main thread (it stops `fit` with `_thread.interrupt_main`), and
 reads Ray's actor table (`ray._private.state.actors`, listed in tests/test_canaries.py): a
-Tune trial (another thread, other runs in the same job) is not watched.
+Tune trial (another thread, other runs in the same job) is not watched; `segnext tune` watches
+its whole search instead, until the first trial's workers are up. Tune answers the interrupt
+with its own SIGINT handler (it saves the search and `fit` returns): the error is raised then.
 """
 
 from __future__ import annotations
@@ -97,6 +99,8 @@ def bounded_start(workers: int, per_worker: dict[str, float], timeout_s: float) 
     finally:
         watch.stop.set()
         thread.join()
+    if watch.gave_up:  # a SIGINT handler (Ray Tune's) turned the interrupt into a return
+        raise watch.error()
 
 
 def _workers_alive() -> bool:

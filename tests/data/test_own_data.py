@@ -268,6 +268,30 @@ def test_split_layout_errors(tmp_path, capsys):
         assert message in capsys.readouterr().err, args
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["--ignore-index", "300"], "--ignore-index 300 is outside 0..255"),
+    (["--ignore-index", "-1"], "--ignore-index -1 is outside 0..255"),
+    (["--limit", "-1"], "--limit -1 (use 1 or more samples per split)"),
+    (["--limit", "0"], "--limit 0 (use 1 or more samples per split)"),
+])
+def test_option_ranges_are_checked_before_any_work(tmp_path, capsys, args, message):
+    """A value no dataset can use stops `segnext shards` before --out is touched (`--limit -1`
+    dropped each split's last sample, `--ignore-index 300` failed mid-write; issue 29, 7)."""
+    make_split(tmp_path / "data", "train", 2, (32, 32), 0)
+    classes = write_classes(tmp_path / "classes.txt")
+    out = tmp_path / "out"
+    assert main(folder_args(out, classes, "--root", str(tmp_path / "data"), *args)) == 1
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("count", ["0", "-1"])
+def test_verify_needs_room_for_one_problem(tmp_path, capsys, count):
+    """`--max-problems 0` stopped before reading a shard and reported the dataset OK."""
+    assert main(["shards", "verify", str(tmp_path), "--max-problems", count]) == 1
+    assert f"--max-problems {count}: use 1 or more" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -216,6 +216,21 @@ def test_refusals_name_the_problem(tmp_path, capsys):
     assert not list(tmp_path.glob("*.onnx*"))
 
 
+def test_an_opset_that_cannot_export_gives_one_line_not_the_graph(tmp_path, capfd):
+    """Opset 7 is one torch exports, but not this model's bilinear resize: the error is one
+    line, without the 340 KB Torch IR graph the exporter's C++ log writes to descriptor 1 or
+    its old-opset warnings (issue 29, finding 9)."""
+    checkpoint = tiny_checkpoint(tmp_path / "ckpt")
+    image = _write_image(tmp_path / "x.png", 64, 64, 3)
+    argv = ["export", "--model", str(checkpoint), "--out", str(tmp_path / "m.onnx"),
+            "--image", str(image), "--opset", "7"]
+    assert main(argv) == 2
+    out, err = capfd.readouterr()
+    assert "segnext export: error: torch.onnx.export failed at opset 7" in err
+    assert len(out) + len(err) < 1000, (out[:300], err[:300])
+    assert not list(tmp_path.glob("*.onnx*"))
+
+
 def test_runtime_refuses_foreign_files(tmp_path):
     import onnx
     from onnx import TensorProto, helper

@@ -101,6 +101,8 @@ def test_an_unusable_registry_name_fails_before_workers(
          "--stride: 0 must be >= 1"),
         (["eval", "--model", "m.pt", "--data", "d", "--workers", "0"],
          "--workers: 0 must be >= 1"),
+        (["register", "--run", "r", "--name", "bad/name:x"],
+         "--name: 'bad/name:x' is not a model registry name"),
     ],
 )
 def test_command_options_out_of_range_stop_at_once(
@@ -239,6 +241,25 @@ def test_two_racing_runs_with_one_name_one_starts(workdir: Path, no_workers: Non
     assert "run raced already exists" in refused  # "claimed just now", or its folder was there
     with pytest.raises(ConfigError, match="run raced already exists.*--resume raced"):
         resolve(load_config(workdir / "exp.yaml", ["run.name=raced"]), exists_already=False)
+
+
+def test_a_name_taken_by_an_mlflow_run_is_refused(
+    workdir: Path, no_workers: None, capsys: pytest.CaptureFixture
+) -> None:
+    """A name whose run folder is gone (another storage path, cleaned up) but whose MLflow run
+    exists is taken too: a second run would log into the first one's MLflow run."""
+    from mlflow import MlflowClient
+
+    from pipelines.tracking.runs import RUN_NAME_TAG, ensure_experiment
+
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    taken = MlflowClient(uri).create_run(ensure_experiment(uri, "test"),
+                                         tags={RUN_NAME_TAG: "logged-elsewhere"})
+    code = main(["train", "--config", str(workdir / "exp.yaml"), "run.name=logged-elsewhere"])
+    assert code == 2
+    assert (f"run logged-elsewhere already has MLflow run {taken.info.run_id} in experiment "
+            "'test'") in capsys.readouterr().err
+    assert not (workdir / "ray" / "logged-elsewhere").exists()  # nothing claimed
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -551,22 +572,6 @@ def test_a_run_saved_before_configs_were_resumes_with_the_command_line(
     assert resumed.cfg.optim.lr == 1e-3
     assert "has no saved config" in capsys.readouterr().out
     assert (workdir / "ray" / "older" / SAVED_CONFIG).is_file()  # checked from now on
-
-
-@pytest.fixture
-def joined_cluster():
-    """A one-node cluster of 2 CPUs this process joins as `ray.address` (one that could grow:
-    nothing is refused up front)."""
-    import ray
-    from ray.cluster_utils import Cluster
-
-    if ray.is_initialized():
-        ray.shutdown()
-    cluster = Cluster(initialize_head=True,
-                      head_node_args={"num_cpus": 2, "include_dashboard": False})
-    yield cluster.address
-    ray.shutdown()
-    cluster.shutdown()
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ from pipelines.config import ConfigError
 from pipelines.tracking.search import (
     COMPLETED,
     FAILED,
+    ROLE_TAG,
     SEARCH_TAG,
     STATUS_TAG,
     STOPPED,
@@ -59,6 +60,77 @@ def test_grace_period_must_fit_in_the_schedule(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="tune.asha.grace_period = 3 validations is 15"):
         load_search_config(path, ["tune.asha.grace_period=3"])
 
+
+
+def test_a_search_name_stays_inside_the_storage_path(tmp_path: Path, capsys) -> None:
+    """`--resume ../x` (or run.name) names one folder under run.storage_path, as for train;
+    refused before the config is resolved or Ray starts."""
+    from pipelines.cli import main
+
+    path = tmp_path / "s.yaml"
+    path.write_text(SEARCH_YAML.format(shards="/x", store=tmp_path))
+    assert main(["tune", "--config", str(path), "--resume", "../../escape"]) == 2
+    assert "run.name '../../escape' must be one folder name" in capsys.readouterr().err
+
+
+def test_a_search_whose_trials_never_start_stops_after_the_timeout(monkeypatch, capsys) -> None:
+    """The bounded wait around Tune's fit: Tune answers the watch's interrupt with its own
+    SIGINT handler (it saves the search and fit returns), and the search still ends with the
+    error naming ray.start_timeout_s (before, it went on as an interrupted search)."""
+    import threading
+    import time
+
+    from pipelines.train import start_wait
+
+    monkeypatch.setattr(start_wait, "POLL_S", 0.05)
+    monkeypatch.setattr(start_wait, "_workers_alive", lambda: False)
+    monkeypatch.setattr(start_wait._Watch, "_fits_now", lambda self: False)
+    monkeypatch.setattr(start_wait._Watch, "_cluster",
+                        lambda self: "the cluster has {GPU: 0} free of {GPU: 0}")
+    never_placed = (r"ray.start_timeout_s: the Ray cluster did not place 1 worker\(s\) of "
+                    r"\{GPU: 1\} within 0.3 s")
+    asked_to_stop = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: asked_to_stop.set())  # as Tune's
+    try:
+        with pytest.raises(ConfigError, match=never_placed), \
+                start_wait.bounded_start(1, {"GPU": 1.0}, 0.3):
+            deadline = time.monotonic() + 10
+            while not asked_to_stop.is_set() and time.monotonic() < deadline:
+                time.sleep(0.02)  # Tune's loop: the handler runs between its steps
+            assert asked_to_stop.is_set()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert ("waiting for 1 worker(s) of {GPU: 1} (the cluster has {GPU: 0} free of {GPU: 0}); "
+            "gives up after 0.3 s (ray.start_timeout_s)") in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_search_a_growing_cluster_cannot_place_is_announced_and_bounded(
+    tmp_path: Path, small_shards: Path, joined_cluster: str, capsys
+) -> None:
+    """tune.capacity says the cluster will grow, so the plan accepts trials it cannot place
+    now; Ray would wait for them forever, silently. The search says what it waits for and
+    stops after ray.start_timeout_s (exit 2), its parent run FAILED."""
+    from mlflow import MlflowClient
+
+    from pipelines.cli import main
+
+    path = tmp_path / "s.yaml"
+    path.write_text(SEARCH_YAML.format(shards=small_shards, store=tmp_path))
+    code = main(["tune", "--config", str(path), f"ray.address={joined_cluster}",
+                 "ray.resources_per_worker={segnext_missing: 1}", "ray.start_timeout_s=8",
+                 "tune.capacity={segnext_missing: 1}", "run.name=never-placed"])
+    out, err = capsys.readouterr()
+    assert code == 2, err
+    assert ("[segnext] waiting for 1 worker(s) of {CPU: 0.5, segnext_missing: 1}" in out
+            and "gives up after 8 s (ray.start_timeout_s)" in out), out
+    assert "ray.start_timeout_s: the Ray cluster did not place 1 worker(s)" in err
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tune-test")
+    [parent] = client.search_runs([experiment.experiment_id],
+                                  filter_string=f"tags.`{SEARCH_TAG}` = 'never-placed' and "
+                                                f"tags.`{ROLE_TAG}` = 'search'")
+    assert parent.info.status == "FAILED"
 
 
 @pytest.fixture(scope="module")
