@@ -7,9 +7,11 @@ and counts the requests. For each delay, a child process (so that it can import 
 checkout's code: `--old-tree`) measures:
 
 - start-up: `build_train_stream` (manifest, index, a stat per shard, the batch plan) and then
-  the first micro-batch out of the Ray Data stream, in seconds and requests (`--warm-workers`:
-  with the read tasks' Ray worker processes started before the clock, which separates Ray's
-  fixed process start-up from the data path's);
+  the first micro-batch out of the Ray Data stream, in seconds and requests. `--read-workers`:
+  when the read tasks' Ray worker processes start (`data.prestart_workers`, data/worker_prestart.py): `prestart` (the
+  default, as `segnext train` does) at the clock's start, not waited for, so they start while
+  the stream is built; `cold` at the first read (the code before the prestart); `warm` before
+  the clock, waited for, which separates Ray's process start-up from the data path's;
 - the stream: `--stream-samples` more training samples (random resize, crop, flip, photometric;
   global batch 16), in requests per sample read and samples/s per read CPU (wall rate divided by
   the CPUs Ray gives the read tasks, `--cpus`), plus CPU-seconds per 1000 samples (this process
@@ -24,6 +26,7 @@ request; the proxy reports that as `upstream_ms_mean` beside the counts.
     .venv/bin/python bench/data_scale.py                                   # new code, 100k
     .venv/bin/python bench/data_scale.py --old-tree /tmp/old --old-samples 300
     .venv/bin/python bench/data_scale.py --samples 20000 --delays 0 20 --stream-samples 4000
+    .venv/bin/python bench/data_scale.py --delays 0 20 --read-workers cold prestart
 """
 
 from __future__ import annotations
@@ -197,14 +200,23 @@ def _child_main(args: argparse.Namespace) -> dict:
 
         options["cache"] = ShardCache(control["cache_dir"], control["cache_bytes"])
     init_ray("local", num_cpus=control["cpus"])
-    if control.get("warm_workers"):  # start the read tasks' worker processes before the clock
+    read_workers = control["read_workers"]  # always "cold" for the old tree (no prestart)
+    if read_workers != "cold":
+        from functools import partial
+
+        from data.worker_prestart import prestart_read_workers, read_slots
+
+        prestart = partial(prestart_read_workers, read_slots(control["cpus"], options["read_cpus"]),
+                           options["read_cpus"])
+    if read_workers == "warm":
         import ray
 
-        warm = ray.remote(num_cpus=options["read_cpus"])(_import_stream)
-        ray.get([warm.remote() for _ in range(int(control["cpus"] / options["read_cpus"]))])
+        ray.get(prestart())
     meter = CpuMeter()
     _mark(control["marks"], "start")
     started = time.perf_counter()
+    if read_workers == "prestart":  # not waited for: they start while the stream is built
+        prestart()
     stream = build_train_stream(control["root"], "train", **options)
     indexed = time.perf_counter()
     _mark(control["marks"], "indexed")
@@ -229,10 +241,6 @@ def _child_main(args: argparse.Namespace) -> dict:
             "stream_s": done - first, "cpu_s": cpu}
 
 
-def _import_stream() -> None:
-    import data.stream  # noqa: F401  (what a read task's worker imports first)
-
-
 def _mark(path: str, name: str) -> None:
     """Tell the parent (which owns the proxy's counters) that a phase ended; wait for it."""
     with open(path, "a") as handle:
@@ -241,15 +249,16 @@ def _mark(path: str, name: str) -> None:
 
 
 def measure(tree: Path, root: str, proxy: DelayProxy, args: argparse.Namespace,
-            cache_bytes: int, stream_samples: int) -> dict:
+            cache_bytes: int, stream_samples: int, read_workers: str) -> dict:
     """Run the child on `tree`'s code and split the proxy's counts by phase."""
     marks = Path(tempfile.mkstemp(prefix="data-scale-marks-")[1])
     cache_dir = tempfile.mkdtemp(prefix="data-scale-cache-")
     control = {"root": root, "cpus": args.cpus, "stream_samples": stream_samples,
-               "warm_workers": args.warm_workers,
+               "read_workers": read_workers,
                "marks": str(marks), "cache_dir": cache_dir, "cache_bytes": cache_bytes}
     env = {**os.environ, "PYTHONPATH": str(tree), "AWS_ENDPOINT_URL_S3": proxy.url}
     proxy.take_counts()
+    load = [round(value, 2) for value in os.getloadavg()]  # other jobs on the machine
     child_process = subprocess.Popen(
         [sys.executable, __file__, "--child", json.dumps(control)], env=env, cwd=tree,
         stdout=subprocess.PIPE, text=True)
@@ -271,6 +280,7 @@ def measure(tree: Path, root: str, proxy: DelayProxy, args: argparse.Namespace,
     result["requests_index"] = requests.get("indexed", 0)
     result["requests_stream"] = requests.get("done", 0)
     result["by_method"] = phases
+    result["read_workers"], result["load_avg_1_5_15"] = control["read_workers"], load
     result["requests_per_sample"] = result["requests_stream"] / max(1, result["stream_samples"])
     result["samples_per_s_per_read_cpu"] = (result["stream_samples"] / result["stream_s"]
                                             / args.cpus)
@@ -294,8 +304,10 @@ def main() -> None:
     parser.add_argument("--cache-bytes", type=int, default=2 << 30)
     parser.add_argument("--in-place", action="store_true",
                         help="also measure the new code with the shard cache off")
-    parser.add_argument("--warm-workers", action="store_true",
-                        help="start the read tasks' Ray worker processes before timing")
+    parser.add_argument("--read-workers", choices=("prestart", "cold", "warm"), nargs="+",
+                        default=["prestart"], help="when the read tasks' Ray worker processes "
+                        "start: at the clock, not waited for; at the first read; before the "
+                        "clock (several: each measured, back to back)")
     parser.add_argument("--old-tree", type=Path, help="a checkout of the code before the index")
     parser.add_argument("--old-samples", type=int, default=300)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "data-scale")
@@ -327,16 +339,18 @@ def main() -> None:
         for delay in args.delays:
             proxy.delay_s = delay / 1000
             few = args.slow_stream_samples  # the slow read paths: fewer samples
+            # each --read-workers mode back to back, so that they share the machine's load
             runs = [("new (index + shard cache)", REPO, roots["new"], args.cache_bytes,
-                     args.stream_samples)]
+                     args.stream_samples, mode) for mode in args.read_workers]
             if args.in_place:
-                runs.append(("new, cache off (in place)", REPO, roots["new"], 0, few))
+                runs.append(("new, cache off (in place)", REPO, roots["new"], 0, few,
+                             args.read_workers[0]))
             if args.old_tree:
-                runs.append(("old (tar-header scan)", args.old_tree, roots["old"], 0, few))
-            for label, tree, root, cache_bytes, samples in runs:
-                print(f"measuring {label} at {delay:g} ms ...", flush=True)
+                runs.append(("old (tar-header scan)", args.old_tree, roots["old"], 0, few, "cold"))
+            for label, tree, root, cache_bytes, samples, mode in runs:
+                print(f"measuring {label} at {delay:g} ms, read workers {mode} ...", flush=True)
                 row = {"code": label, "delay_ms": delay,
-                       **measure(tree, root, proxy, args, cache_bytes, samples)}
+                       **measure(tree, root, proxy, args, cache_bytes, samples, mode)}
                 if label.startswith("old"):
                     scale = args.samples / row["samples"]
                     row["startup_s_extrapolated"] = row["index_s"] * scale
@@ -359,7 +373,8 @@ def _line(row: dict) -> str:
             f"{row['index_s']:.2f} s ({row['requests_index']} requests), first batch "
             f"{row['first_batch_s']:.2f} s; stream {row['requests_per_sample']:.4f} requests/"
             f"sample, {row['samples_per_s_per_read_cpu']:.0f} samples/s per read CPU, "
-            f"{row['cpu_ms_per_sample']:.2f} CPU-ms/sample")
+            f"{row['cpu_ms_per_sample']:.2f} CPU-ms/sample; read workers {row['read_workers']}, "
+            f"load {row['load_avg_1_5_15']}")
     if "startup_s_extrapolated" in row:
         text += (f"; start-up at {row['samples'] and int(row['startup_s_extrapolated'])} s "
                  f"extrapolated ({row['requests_startup_extrapolated']:.0f} requests)")

@@ -70,6 +70,9 @@ class DataConfig:
     # the end of the run; cache_bytes 0 reads each sample in place (one ranged GET per sample).
     cache_dir: str = ""
     cache_bytes: int = 8 << 30
+    # Start the read tasks' Ray worker processes while the Train workers start, so the first
+    # batches do not wait for them (data/worker_prestart.py); false: started at the first read.
+    prestart_workers: bool = True
 
     @property
     def train_splits(self) -> list[str]:

@@ -235,3 +235,14 @@ def test_actor_table_the_start_watch_reads() -> None:
     actors = _hook("ray._private.state", "actors", used_by)
     assert {"job_id", "actor_state_name"} <= set(_params(actors)), used_by
     _hook("ray.train.v2._internal.execution.worker_group.worker", WORKER_CLASS, used_by)
+
+
+def test_train_task_env_names_exist() -> None:
+    """The read-worker prestart sends tasks with exactly the environment Ray Train gives the
+    tasks its workers send; if these move, the prestarted processes would go unused."""
+    used_by = "pipelines/train/read_workers.py::train_task_env"
+    _hook("ray._common.constants", "RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR", used_by)
+    constants = "ray.train.v2._internal.constants"
+    _hook(constants, "DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE", used_by)
+    propagate = _hook(constants, "get_env_vars_to_propagate", used_by)
+    assert isinstance(propagate(), dict), f"get_env_vars_to_propagate changed; used by {used_by}"

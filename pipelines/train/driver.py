@@ -22,13 +22,14 @@ from data.storage import is_remote, uri_of
 from data.storage import resolve as resolve_storage
 from data.stream import configure_data_context, skipped_samples
 from pipelines.checkpoint_io import checkpoint_files
-from pipelines.cluster import WORKER_ENV, check_fits, init_ray
+from pipelines.cluster import check_fits, init_ray
 from pipelines.config import ConfigError, ExperimentConfig, to_dict, to_yaml
 from pipelines.console import current_log, log_only
 from pipelines.metric_names import SCORE
 from pipelines.tracking import registry
 from pipelines.tracking import training as tracking
 from pipelines.train.loop import WorkerArgs, train_loop_per_worker
+from pipelines.train.read_workers import prestart_train_read_workers, worker_env_vars
 from pipelines.train.resolve import ResolvedRun, release_unused_claim, resolve
 from pipelines.train.resume import describe_changes
 from pipelines.train.start_wait import bounded_start
@@ -136,6 +137,10 @@ def _fit(run: ResolvedRun, callbacks: list | None, record: tracking.TrainingReco
         fault_marker=_fault_marker(run.storage_path, run_name, record.run_id),
     )
     storage_fs, storage_fs_path = resolve_storage(run.storage_path)
+    worker_env = worker_env_vars(run.storage_env)
+    if cfg.data.prestart_workers:  # the read tasks' processes start beside Train's
+        prestart_train_read_workers(stream, cfg.ray.num_workers, cfg.ray.cpus_per_worker,
+                                    worker_env)
     trainer = _Trainer(
         train_loop_per_worker,
         train_loop_config={"args": args},
@@ -158,7 +163,7 @@ def _fit(run: ResolvedRun, callbacks: list | None, record: tracking.TrainingReco
                 checkpoint_score_order="max",
             ),
             callbacks=callbacks,
-            worker_runtime_env={"env_vars": {**WORKER_ENV, **run.storage_env}},
+            worker_runtime_env={"env_vars": worker_env},
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )

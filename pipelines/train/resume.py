@@ -39,7 +39,7 @@ RESUMABLE = (
     "train.max_failures", "train.time_budget_s", "train.fail_at_iteration",
     "train.channels_last", "train.compile", "train.fused_msca",  # speed switches, same maths
     "eval.batch_size",
-    "data.read_cpus", "data.cache_dir", "data.cache_bytes",
+    "data.read_cpus", "data.cache_dir", "data.cache_bytes", "data.prestart_workers",
     "ray.num_workers", "ray.min_workers", "ray.cpus_per_worker", "ray.gpus_per_worker",
     "ray.resources_per_worker", "ray.address", "ray.resize_interval_s", "ray.start_timeout_s",
     "registry", "storage",
