@@ -559,11 +559,10 @@ class Scenario:
             self.postgres.stop()
         left = self.procs.stop_all()
         self.check("no process of this run left", not left, left or "none")
-        if hasattr(self, "nodes"):
+        if hasattr(self, "nodes"):  # its processes are gone: keep its logs with the rest
             if keep:
-                print(f"[cluster] Ray's session folders (logs) are in {self.nodes.root}")
-            else:
-                shutil.rmtree(self.nodes.root, ignore_errors=True)
+                shutil.move(self.nodes.root, self.root / "ray-nodes")
+            shutil.rmtree(self.nodes.root, ignore_errors=True)
 
 
 STEPS = ("refusals", "train", "tune", "lose_a_node", "eval_and_serve", "database_rows")
