@@ -170,15 +170,16 @@ class Postgres:
     PostgreSQL refuses to run as root, so as root it runs as the `postgres` user."""
 
     def __init__(self, procs: Processes, root: Path) -> None:
-        self.procs, self.bin = procs, postgres_bin()
-        self.folder = root / "postgres"
-        self.folder.mkdir()
+        self.procs, self.bin, self.root = procs, postgres_bin(), root
+        # a folder of its own in /tmp: the `postgres` user cannot enter `root` when a parent is
+        # private (pytest's tmp_path is 0700 root); its log is copied into `root` at the end
+        self.folder = Path(tempfile.mkdtemp(prefix="segnext-pg-"))
         self.data = self.folder / "data"
         self.port = free_port()
         self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
         if self.as_user:
             shutil.chown(self.folder, user="postgres")
-            os.chmod(root, 0o755)
+            os.chmod(self.folder, 0o755)
 
     def start(self) -> str:
         def pg(*argv: str) -> None:
@@ -202,8 +203,12 @@ class Postgres:
         return [line.split("\t") for line in result.stdout.splitlines() if line]
 
     def stop(self) -> None:
-        self.procs.run([*self.as_user, str(self.bin / "pg_ctl"), "-D", str(self.data), "-m",
-                        "fast", "-w", "stop"], 60)
+        if self.data.is_dir():
+            self.procs.run([*self.as_user, str(self.bin / "pg_ctl"), "-D", str(self.data), "-m",
+                            "fast", "-w", "stop"], 60)
+        with suppress(OSError):
+            shutil.copy(self.folder / "server.log", self.root / "postgres-server.log")
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def start_moto(procs: Processes) -> str:
