@@ -14,11 +14,15 @@ reads Ray's actor table (`ray._private.state.actors`, listed in tests/test_canar
 Tune trial (another thread, other runs in the same job) is not watched; `segnext tune` watches
 its whole search instead, until the first trial's workers are up. Tune answers the interrupt
 with its own SIGINT handler (it saves the search and `fit` returns): the error is raised then.
+The interrupt runs whatever SIGINT handler the process has, and `TorchTrainer.fit` leaves its
+own behind (it aborts that run's controller, long gone, and swallows the interrupt: a later
+run's wait then never ended), so the block runs under Python's own handler, restored after.
 """
 
 from __future__ import annotations
 
 import _thread
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -89,6 +93,7 @@ def bounded_start(workers: int, per_worker: dict[str, float], timeout_s: float) 
         return
     watch = _Watch(workers, per_worker, timeout_s)
     thread = threading.Thread(target=watch.run, name="segnext-start-watch", daemon=True)
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     thread.start()
     try:
         yield
@@ -99,6 +104,7 @@ def bounded_start(workers: int, per_worker: dict[str, float], timeout_s: float) 
     finally:
         watch.stop.set()
         thread.join()
+        signal.signal(signal.SIGINT, handler)
     if watch.gave_up:  # a SIGINT handler (Ray Tune's) turned the interrupt into a return
         raise watch.error()
 

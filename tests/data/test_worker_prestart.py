@@ -9,6 +9,7 @@ tasks' would leave the raylet to launch new workers at the read, and the check f
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -96,12 +97,16 @@ def test_train_workers_read_tasks_run_in_the_prestarted_workers(
         config["stream"].dataset(world=1, rank=0, start=0, stop=4).take_all()
         return started_ms
 
-    result = TorchTrainer(
-        loop, train_loop_config={"stream": stream},
-        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1.0}),
-        run_config=RunConfig(name="prestart", storage_path=str(tmp_path),
-                             worker_runtime_env={"env_vars": worker_env}),
-    ).fit()
+    sigint = signal.getsignal(signal.SIGINT)  # fit() leaves Ray Train's handler behind
+    try:
+        result = TorchTrainer(
+            loop, train_loop_config={"stream": stream},
+            scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1.0}),
+            run_config=RunConfig(name="prestart", storage_path=str(tmp_path),
+                                 worker_runtime_env={"env_vars": worker_env}),
+        ).fit()
+    finally:
+        signal.signal(signal.SIGINT, sigint)
     pids, late = _read_workers_launched_after(fresh_cluster, result.return_value)
     assert pids and not late, f"read tasks in workers launched at the read: {late}"
 
