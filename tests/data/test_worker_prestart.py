@@ -57,13 +57,16 @@ def _read_workers_launched_after(address: str, started_ms: float) -> tuple[set[i
     deadline = time.monotonic() + 30
     while True:  # task events reach the GCS about a second late
         tasks = list_tasks(address=address, filters=[("name", "=", READ_TASK)], detail=True)
-        pids = {task.worker_pid for task in tasks if task.state == "FINISHED"}
-        if tasks and all(task.state == "FINISHED" for task in tasks) or time.monotonic() > deadline:
+        # the worker's PID reaches the task's record a little after its state
+        done = [task for task in tasks if task.state == "FINISHED" and task.worker_pid]
+        if tasks and len(done) == len(tasks) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
+    pids = {task.worker_pid for task in done}
     launched = {worker.pid: worker.worker_launch_time_ms
                 for worker in list_workers(address=address, detail=True, limit=1000)}
-    return pids, {pid for pid in pids if launched[pid] >= started_ms}
+    # a worker missing from the table counts as launched at the read: the check fails
+    return pids, {pid for pid in pids if launched.get(pid, float("inf")) >= started_ms}
 
 
 @pytest.mark.slow
