@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 from ray import tune
 from ray.tune import ExperimentAnalysis
 from ray.tune.experiment import Trial
@@ -400,6 +401,7 @@ def _search_algorithm(settings: TuneConfig, concurrency: int):
 def collect_outcomes(path: str, *, name: str, iterations: int) -> list[TrialOutcome]:
     """Every trial of the search at `path`, with its status, best score and best checkpoint."""
     analysis = ExperimentAnalysis(path)
+    filesystem, _ = storage.resolve(path)  # the rows' checkpoint paths are on it
     outcomes = []
     for trial in sorted(analysis.trials, key=lambda t: t.trial_id):
         frame = analysis.trial_dataframes.get(trial.trial_id)
@@ -414,7 +416,7 @@ def collect_outcomes(path: str, *, name: str, iterations: int) -> list[TrialOutc
             status = COMPLETED if iteration >= iterations else STOPPED
         else:
             status = INTERRUPTED if rows else PENDING
-        checkpoint, checkpoint_miou = _best_checkpoint(rows, _scheme(path))
+        checkpoint, checkpoint_miou = _best_checkpoint(rows, filesystem)
         outcomes.append(
             TrialOutcome(
                 trial_id=trial.trial_id,
@@ -438,13 +440,13 @@ def best_trial(outcomes: list[TrialOutcome]) -> TrialOutcome | None:
 
 
 def _best_checkpoint(rows: list[dict[str, Any]],
-                     scheme: str = "") -> tuple[str | None, float | None]:
+                     filesystem: pafs.FileSystem) -> tuple[str | None, float | None]:
     """Train keeps the best checkpoints by val mIoU; pick the best one still on disk.
 
-    The rows hold `Checkpoint.path`, a path of the storage's pyarrow filesystem: on object
-    storage it lacks the scheme (`bucket/search/trial/checkpoint_...`), put back from `scheme`."""
+    The rows hold `Checkpoint.path`, a path on the storage's `filesystem`: on object storage
+    it lacks the scheme (`bucket/search/trial/checkpoint_...`), so it is made a URI."""
     saved = [
-        {**row, "checkpoint_path": _with_scheme(row["checkpoint_path"], scheme)}
+        {**row, "checkpoint_path": storage.uri_of(filesystem, row["checkpoint_path"])}
         for row in rows
         if isinstance(row.get("checkpoint_path"), str) and _finite(row.get(SCORE))
     ]
@@ -453,15 +455,6 @@ def _best_checkpoint(rows: list[dict[str, Any]],
         return None, None
     row = max(saved, key=lambda r: r[SCORE])
     return row["checkpoint_path"], float(row[SCORE])
-
-
-def _scheme(path: str) -> str:
-    """`s3://bucket/x` -> `s3`; a local path -> ''."""
-    return path.split("://", 1)[0] if "://" in path else ""
-
-
-def _with_scheme(path: str, scheme: str) -> str:
-    return f"{scheme}://{path}" if scheme and "://" not in path else path
 
 
 def _may_exist(path: str) -> bool:

@@ -391,13 +391,17 @@ def test_checkpoints_on_object_storage_keep_their_scheme() -> None:
     """Ray reports a checkpoint's path on its pyarrow filesystem: on S3 `bucket/key`, which the
     best trial must name as `s3://bucket/key` (it was read as a missing local folder, so a
     search on S3 found no best trial)."""
+    import pyarrow.fs as pafs
+
     from tune.run import _best_checkpoint
 
     rows = [{"val/mIoU": 0.2, "checkpoint_path": "bucket/tune/s/t0/checkpoint_2"},
             {"val/mIoU": 0.3, "checkpoint_path": "bucket/tune/s/t0/checkpoint_4"},
             {"val/mIoU": 0.4}]
-    assert _best_checkpoint(rows, "s3") == ("s3://bucket/tune/s/t0/checkpoint_4", 0.3)
-    assert _best_checkpoint(rows, "") == (None, None)  # local: neither folder exists
+    s3 = pafs.S3FileSystem(region="us-east-1", anonymous=True)
+    assert _best_checkpoint(rows, s3) == ("s3://bucket/tune/s/t0/checkpoint_4", 0.3)
+    # local: neither folder exists
+    assert _best_checkpoint(rows, pafs.LocalFileSystem()) == (None, None)
 
 
 @pytest.mark.slow
