@@ -16,7 +16,8 @@ nodes on one machine), real CamVid shards written to S3. Then, through `segnext 
 The checks read the facts: job statuses from Ray's job API, runs, metrics, registered versions and
 aliases from the tracking server's REST API, objects listed in the bucket, rows in PostgreSQL
 (`psql`), and after the teardown no process of this script left (each process started here
-carries a marker in its environment, inherited by every Ray worker and agent).
+carries a marker in its environment, and the process trees below them are recorded while the
+nodes run: Ray's agents rename themselves, which overwrites the marker in /proc).
 
     .venv/bin/python bench/local_cluster.py [--keep DIR] [--json facts.json]
 
@@ -48,6 +49,8 @@ from contextlib import closing, suppress
 from pathlib import Path
 from typing import Any
 
+from pipelines.ray_stop import ProcessId, descendants, start_time
+
 REPO = Path(__file__).resolve().parents[1]
 CAMVID = REPO.parent / "shared" / "datasets" / "camvid"
 BUCKET = "segnext-cluster"
@@ -75,14 +78,25 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _command(pid: int) -> str | None:
+    """The command line of process `pid` (None when it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
+            errors="replace").rstrip()[:160]
+    except OSError:
+        return None
+
+
 class Processes:
     """Every process this script starts, in a session of its own and marked in its environment:
-    the teardown ends them and whatever they started (Ray workers), and nothing else."""
+    the teardown ends them and whatever they started (Ray's daemons, agents and workers), and
+    nothing else."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.marker = uuid.uuid4().hex
         self.started: list[subprocess.Popen] = []
+        self.tracked: set[ProcessId] = set()
 
     def env(self, **extra: str) -> dict[str, str]:
         venv_bin = str(Path(sys.executable).parent)  # `ray start`'s jobs run `python` from PATH
@@ -115,28 +129,56 @@ class Processes:
                 continue
             try:
                 environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
-                command = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
                 state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
             except OSError:
                 continue
-            if needle in environ and state != "Z":
-                found[int(entry)] = command.decode(errors="replace")[:160]
+            command = _command(int(entry))
+            if needle in environ and state != "Z" and command is not None:
+                found[int(entry)] = command
+        return found
+
+    def track(self) -> None:
+        """Record (pid, start time) of every live process below the started, marked and already
+        recorded ones. Why: the marker is not enough. A process that renames itself
+        (setproctitle: the raylet's `ray::DashboardAgent` and `ray::RuntimeEnvAgent`) overwrites
+        the memory /proc shows as its environ and cmdline, so neither the marker nor this run's
+        `--temp-dir` can be read there; and when its raylet ends it is re-parented to init and
+        runs on. `ray start --block` and the raylet, its parents, stay marked, so the tree is
+        read below them while it is whole: when the nodes are up, before a raylet is killed,
+        and when the teardown begins."""
+        live = {pid for pid, started in self.tracked if start_time(pid) == started}
+        roots = {p.pid for p in self.started if p.poll() is None} | set(self.marked()) | live
+        for pid in roots | descendants(roots):
+            started = start_time(pid)
+            if started and pid != os.getpid():
+                self.tracked.add((pid, started))
+
+    def ours(self) -> dict[int, str]:
+        """pid -> command of every live process of this run: marked, or recorded by `track`
+        (the same pid with the same start time: a reused pid is someone else's)."""
+        found = self.marked()
+        for pid, started in self.tracked:
+            if pid not in found and start_time(pid) == started:
+                command = _command(pid)
+                if command is not None:
+                    found[pid] = command
         return found
 
     def stop_all(self, grace_s: float = 15.0) -> dict[int, str]:
-        """SIGTERM to every marked process, SIGKILL to what is left after `grace_s`; returns
-        what still lives after that (it should be nothing)."""
+        """SIGTERM to every process of this run (`ours`, the tree read first), SIGKILL to what
+        is left after `grace_s`; returns what still lives after that (it should be nothing)."""
         for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-            for pid in self.marked():
+            self.track()  # what started during the grace period too
+            for pid in self.ours():
                 with suppress(ProcessLookupError):
                     os.kill(pid, sig)
             deadline = time.monotonic() + wait
-            while self.marked() and time.monotonic() < deadline:
+            while self.ours() and time.monotonic() < deadline:
                 time.sleep(0.3)
         for process in self.started:
             with suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=1)
-        return self.marked()
+        return self.ours()
 
 
 def wait_for(what: str, ready: Callable[[], Any], timeout_s: float, poll_s: float = 1.0) -> Any:
@@ -286,6 +328,7 @@ class RayNodes:
             *self._ports(), *common,
         ], **self._env("worker"))
         wait_for("ray worker node", lambda: len(self.alive_nodes()) == 2, 300, 2)
+        self.procs.track()  # the agents, unmarked (see Processes.track)
         return url
 
     @property
@@ -485,6 +528,7 @@ class Scenario:
 
         wait_for("the first checkpoint of the node-loss run", checkpointed, 900, 2)
         pid = self.nodes.worker_raylet_pid()
+        self.procs.track()  # its agents and workers, orphaned by the kill
         os.kill(pid, signal.SIGKILL)
         wait_for("the node marked dead", lambda: len(self.nodes.alive_nodes()) == 1, 180, 2)
         self.check("worker node's raylet killed by PID mid-run", True, f"raylet pid {pid}")

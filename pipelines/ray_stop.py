@@ -32,7 +32,7 @@ def stop_ray() -> None:
     cluster = private_cluster_processes() if started_private_cluster() else set()
     ray.shutdown()
     for pid, started in cluster:
-        if _start_time(pid) == started:  # still the same process
+        if start_time(pid) == started:  # still the same process
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
@@ -46,7 +46,7 @@ def private_cluster_processes() -> set[ProcessId]:
     if node is None:
         return set()
     roots = {info.process.pid for infos in node.all_processes.values() for info in infos}
-    identities = {(pid, _start_time(pid)) for pid in descendants(roots) | roots}
+    identities = {(pid, start_time(pid)) for pid in descendants(roots) | roots}
     return {(pid, started) for pid, started in identities if started}
 
 
@@ -76,10 +76,10 @@ def _stat_fields(stat: Path) -> list[str] | None:
 
 def running(pid: int) -> bool:
     """Whether process `pid` exists and is not a zombie."""
-    return _start_time(pid) != 0
+    return start_time(pid) != 0
 
 
-def _start_time(pid: int) -> int:
+def start_time(pid: int) -> int:
     """The process's start time (0 when it is gone): with the pid, names one process."""
     fields = _stat_fields(Path(f"/proc/{pid}/stat"))
     return int(fields[19]) if fields else 0
