@@ -27,12 +27,14 @@ from pipelines.checkpoint_io import (
     load_checkpoint,
     save_checkpoint,
 )
+from pipelines.train.checkpoint_staging import discard_folder, stage_folder
 
 RNG_SCHEME = {
     "plan": f"data.plan v{PLAN_VERSION}: per-epoch permutation seeded by (seed, epoch)",
     "augmentation": "numpy generator per (seed, epoch, sample key)",
     "forward": "torch seeded per micro-batch by data.plan.micro_seed(iteration, micro)",
 }
+
 
 
 @dataclass
@@ -73,14 +75,22 @@ class Checkpointer:
         if not checkpoint:
             ray.train.report(metrics)
             return
-        attached = None
-        if self.rank == 0:
-            folder = tempfile.mkdtemp(prefix="segnext-ckpt-")
-            save_checkpoint(folder, self.payload(iteration, metrics))
-            attached = ray.train.Checkpoint.from_directory(folder)
-        ray.train.report(metrics, checkpoint=attached,
-                         checkpoint_dir_name=f"checkpoint_{iteration:07d}",
-                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
+        folder = stage_folder() if self.rank == 0 else None
+        try:
+            attached = None
+            if folder is not None:
+                save_checkpoint(folder, self.payload(iteration, metrics))
+                attached = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(metrics, checkpoint=attached,
+                             checkpoint_dir_name=f"checkpoint_{iteration:07d}",
+                             checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
+        except BaseException:
+            # Ray raises before it hands the folder to its upload thread (its last step), so
+            # nothing reads the folder: remove it. Once handed over, Ray deletes it after the
+            # upload, so it must not be removed here when report returns.
+            if folder is not None:
+                discard_folder(folder)
+            raise
 
     def restore(self) -> Restored | None:
         """Load the latest checkpoint (a restart after a failure or a resize, or --resume):
