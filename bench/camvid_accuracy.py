@@ -49,8 +49,11 @@ sys.path.insert(0, str(REPO))
 CONFIGS: dict[str, tuple[str, ...]] = {
     "standard": ("model.classifier=standard", "loss.class_balance=0"),  # the paper's baseline
     "standard-cb": ("model.classifier=standard", "loss.class_balance=0.5"),  # the fair baseline
-    "integrated": ("model.classifier=integrated",),  # its defaults (class balance 0.5)
-    "integrated-novar": ("model.classifier=integrated", "loss.weights.variance=0"),
+    # The integrated runs predict with the spec's rule, as they did when the study ran; the
+    # decision table scores every rule from the same checkpoints (training is the same for all).
+    "integrated": ("model.classifier=integrated", "model.classifier_kwargs.decision=product"),
+    "integrated-novar": ("model.classifier=integrated", "model.classifier_kwargs.decision=product",
+                         "loss.weights.variance=0"),
 }
 DEFAULT_CONFIGS = ("standard", "integrated")
 TOP_K = 3  # the integrated head's default candidates; the recall of both heads is measured at it
@@ -448,11 +451,10 @@ def score_decisions(checkpoint: str, shards: Path) -> dict[str, dict[str, Any]]:
     from segnext.metrics import ConfusionMatrix
 
     manifest = load_manifest(str(shards))
-    segmenter = Segmenter.from_checkpoint(load_source(resolve_model(checkpoint)))
-    head = segmenter.model.decode_head.classifier
+    payload = load_source(resolve_model(checkpoint))
     scored = {}
-    for rule in DECISIONS:
-        head.decision = rule
+    for rule in DECISIONS:  # as `segnext eval --decision RULE` scores it
+        segmenter = Segmenter.from_checkpoint(payload, source=checkpoint, decision=rule)
         matrix, _ = evaluate_local(segmenter, manifest, "test", progress=False)
         accumulator = ConfusionMatrix(len(manifest.classes), manifest.ignore_index)
         accumulator.matrix = torch.from_numpy(matrix)

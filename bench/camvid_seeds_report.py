@@ -31,6 +31,10 @@ GROUPS = {
 }
 BASELINES = ("standard", "standard-cb")
 INTEGRATED = ("integrated", "integrated-novar")
+# Configurations read from another one's checkpoints under another decision rule (no training
+# of their own): the integrated runs scored with the general classifier alone, the project's
+# default rule since this study.
+RESCORED = {"integrated-general": ("integrated", "general")}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,6 +56,18 @@ def load_runs(folder: Path) -> dict[str, dict[int, dict[str, Any]]]:
 
 
 # ---------------------------------------------------------------------------------- measures
+
+
+def rescored(runs: dict[str, dict[int, dict]]) -> dict[str, dict[int, dict]]:
+    """`runs` plus each RESCORED configuration whose source runs scored its rule."""
+    derived = {}
+    for name, (source, rule) in RESCORED.items():
+        seeds = {seed: {**run, "config": name, "scores": run["decisions"][rule]["scores"],
+                        "matrix": run["decisions"][rule]["matrix"], "decisions": None}
+                 for seed, run in runs.get(source, {}).items() if rule in run.get("decisions", {})}
+        if seeds:
+            derived[name] = seeds
+    return {**runs, **derived}
 
 
 def group_iou(run: dict[str, Any], classes: tuple[str, ...], scores: dict | None = None) -> float:
@@ -122,7 +138,7 @@ def paired_differences(runs: dict[str, dict[int, dict]]) -> list[str]:
     """Integrated minus each baseline, seed by seed, where both ran that seed."""
     lines = ["| difference (pp) | seeds | mIoU | " + " | ".join(f"IoU {g}" for g in GROUPS)
              + " | verdict (mIoU) |", "|---|---|---|" + "---|" * len(GROUPS) + "---|"]
-    for ours in INTEGRATED:
+    for ours in (*INTEGRATED, *RESCORED):
         for base in (*BASELINES, *(c for c in INTEGRATED if c != ours)):
             if ours not in runs or base not in runs or (ours, base) == INTEGRATED[::-1]:
                 continue
@@ -151,7 +167,7 @@ def decision_table(runs: dict[str, dict[int, dict]]) -> list[str]:
     lines = ["| decision rule (test) | config | seeds | mIoU | aAcc | IoU Pedestrian/Bicyclist "
              "| IoU Pole/SignSymbol/Fence |", "|---|---|---|---|---|---|---|"]
     for config in INTEGRATED:
-        seeds = {s: r for s, r in runs.get(config, {}).items() if "decisions" in r}
+        seeds = {s: r for s, r in runs.get(config, {}).items() if r.get("decisions")}
         if not seeds:
             continue
         for rule in next(iter(seeds.values()))["decisions"]:
@@ -208,8 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         sys.exit(f"camvid_seeds_report: no CONFIG-sSEED.json in {folder}; run "
                  "bench/camvid_accuracy.py --seeds ... first")
-    order = [c for c in (*BASELINES, *INTEGRATED) if c in runs] + [
-        c for c in runs if c not in (*BASELINES, *INTEGRATED)]
+    runs = rescored(runs)
+    known = (*BASELINES, *INTEGRATED, *RESCORED)
+    order = [c for c in known if c in runs] + [c for c in runs if c not in known]
     runs = {c: runs[c] for c in order}
     text = report(runs)
     out = Path(args.out) if args.out else folder / "report.md"

@@ -25,7 +25,7 @@ import torch
 
 import segnext
 from segnext import build_criterion, create_model
-from segnext.classifier import build_classifier
+from segnext.classifier import DECISIONS, build_classifier
 from segnext.model import VARIANTS
 
 HEADS = ("standard", "integrated")
@@ -79,19 +79,36 @@ def head_alone(head: str, resolution: str, args: argparse.Namespace) -> tuple[fl
     return measure(step, args.iters)
 
 
-def head_eval(head: str, args: argparse.Namespace) -> tuple[float, float]:
-    """One image's classifier at eval: forward, resize to the full-size mask (2x), argmax."""
+def head_eval(head: str, args: argparse.Namespace, **options: str) -> tuple[float, float]:
+    """One image's classifier at eval: forward, resize to the full-size mask (2x), argmax;
+    `options`: the classifier's (the integrated head's `decision`)."""
     torch.manual_seed(0)
     height, width = args.size
     channels = VARIANTS[args.variant].head_channels
     features = torch.randn(1, channels, -(-height // 8), -(-width // 8))
-    classifier = build_classifier(head, channels, args.classes).eval()
+    classifier = build_classifier(head, channels, args.classes, **options).eval()
 
     def call() -> None:
         with torch.inference_mode():
             classifier.resize_logits(classifier(features), (2 * height, 2 * width)).argmax(1)
 
     return measure(call, args.iters)
+
+
+def whole_model_eval(head: str, args: argparse.Namespace, **options: str) -> tuple[float, float]:
+    """One full-size image (2x the crop: CamVid's half-size test images) through the whole model
+    at eval, argmax included; `options`: the classifier's."""
+    torch.manual_seed(0)
+    height, width = args.size
+    model = create_model(args.variant, args.classes, classifier=head,
+                         classifier_kwargs=options).eval()
+    image = torch.randn(1, 3, 2 * height, 2 * width)
+
+    def call() -> None:
+        with torch.inference_mode():
+            model(image).argmax(1)
+
+    return measure(call, args.model_iters)
 
 
 def whole_model(head: str, resolution: str, args: argparse.Namespace) -> tuple[float, float]:
@@ -133,11 +150,20 @@ def main() -> None:
                 wall, cpu = whole_model(head, resolution, args)
                 row += f" {cpu:.0f} ({wall:.0f}) |"
             print(row, flush=True)
-    print(f"\n| head | eval, one image: head + resize to {2 * args.size[0]}x{2 * args.size[1]}"
-          " + argmax: CPU ms (wall ms) |\n|---|---|")
-    for head in HEADS:
-        wall, cpu = head_eval(head, args)
-        print(f"| {head} | {cpu:.1f} ({wall:.1f}) |", flush=True)
+    size = f"{2 * args.size[0]}x{2 * args.size[1]}"
+    columns = f"| head | eval, one image: head + resize to {size} + argmax: CPU ms (wall ms) |"
+    if not args.no_model:
+        columns += f" whole model eval, one {size} image: CPU ms (wall ms) |"
+    print(f"\n{columns}\n" + "|---" * (columns.count("|") - 1) + "|")
+    rows = [("standard", {}), *(("integrated", {"decision": rule}) for rule in DECISIONS)]
+    for head, options in rows:
+        wall, cpu = head_eval(head, args, **options)
+        name = f"{head}, decision {options['decision']}" if options else head
+        row = f"| {name} | {cpu:.1f} ({wall:.1f}) |"
+        if not args.no_model:
+            wall, cpu = whole_model_eval(head, args, **options)
+            row += f" {cpu:.0f} ({wall:.0f}) |"
+        print(row, flush=True)
 
 
 if __name__ == "__main__":

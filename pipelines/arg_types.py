@@ -42,6 +42,16 @@ def onnx_opset(text: str) -> int:
 REGISTRY_NAME_RULE = "no '/', ':' or '%'; MLflow's models:/NAME/VERSION URIs would break"
 
 
+def decision_rule(text: str) -> str:
+    """An integrated head's prediction rule (torch is imported only here, when the option is
+    given, so `--help` stays fast)."""
+    from segnext.classifier import DECISIONS
+
+    if text not in DECISIONS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(DECISIONS)}")
+    return text
+
+
 def is_registry_name(name: str) -> bool:
     """Whether MLflow's model registry can hold `name` and its models:/NAME/VERSION URIs parse:
     the one rule behind `registry.name` and `segnext register --name`."""

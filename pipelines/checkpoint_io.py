@@ -225,15 +225,26 @@ def model_overrides(classifier_kwargs: dict[str, Any], nmf: dict[str, Any]) -> d
     return overrides
 
 
-def model_from_checkpoint(payload: dict[str, Any], source: str = "checkpoint") -> segnext.SegNeXt:
+def model_from_checkpoint(
+    payload: dict[str, Any], source: str = "checkpoint", decision: str | None = None
+) -> segnext.SegNeXt:
     """Rebuild the SegNeXt described by `payload["meta"]`, load its weights, eval mode. Weights
-    that do not fit that model are a CheckpointError naming `source` and the mismatch."""
+    that do not fit that model are a CheckpointError naming `source` and the mismatch.
+
+    `decision`: an integrated head's prediction rule in place of the saved one (the weights do
+    not depend on it), to score one trained model under each rule."""
     meta = payload_meta(payload)
+    classifier_kwargs = meta.classifier_kwargs.to_dict()
+    if decision is not None:
+        if meta.classifier != "integrated":
+            raise CheckpointError(f"{source}: a decision rule is a choice of the integrated "
+                                  f"head; this model's head is {meta.classifier}: drop it")
+        classifier_kwargs["decision"] = decision
     model = segnext.create_model(
         meta.variant,
         meta.num_classes,
         classifier=meta.classifier,
-        **model_overrides(meta.classifier_kwargs.to_dict(), meta.nmf.to_dict()),
+        **model_overrides(classifier_kwargs, meta.nmf.to_dict()),
     )
     expected, given = model.state_dict(), payload["model"]
     missing = [key for key in expected if key not in given]

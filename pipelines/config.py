@@ -21,6 +21,7 @@ import yaml
 from pipelines.arg_types import REGISTRY_NAME_RULE, is_registry_name
 from pipelines.config_schema import (  # the schema; re-exported: import it from here
     DEFAULT_CLASS_BALANCE,
+    DEFAULT_DECISION,
     DISTRIBUTIONS,
     DOTTED_KEY_MAPPINGS,
     OTHER_NAMES,
@@ -58,6 +59,7 @@ __all__ = [
     "OptimConfig",
     "ScheduleConfig",
     "DEFAULT_CLASS_BALANCE",
+    "DEFAULT_DECISION",
     "LossConfig",
     "TrainConfig",
     "EvalConfig",
@@ -308,6 +310,14 @@ def _validate(cfg: ExperimentConfig, source: str) -> None:
     require(top_k is None or (isinstance(top_k, int) and not isinstance(top_k, bool)
                               and top_k >= 1),
             "model.classifier_kwargs.top_k", f"= {top_k!r} must be a whole number >= 1")
+    decision = cfg.model.classifier_kwargs.get("decision")
+    if decision is not None:
+        from segnext.classifier import DECISIONS  # imports torch: only where a rule is given
+
+        require(cfg.model.classifier == "integrated" and decision in DECISIONS,
+                "model.classifier_kwargs.decision",
+                f"= {decision!r} must be one of {', '.join(DECISIONS)}, with model.classifier="
+                "integrated (unset: general, the rule the CamVid study chose)")
     require(
         cfg.model.drop_path_rate is None or 0 <= cfg.model.drop_path_rate < 1,
         "model.drop_path_rate",

@@ -26,7 +26,7 @@ import numpy as np
 
 from data.manifest import load_manifest
 from data.storage import endpoint_env
-from pipelines.arg_types import positive_int
+from pipelines.arg_types import decision_rule, positive_int
 from pipelines.cluster import init_ray
 from pipelines.tracking.registry import tracking_env, use_tracking_uri
 
@@ -55,6 +55,7 @@ class EvalOptions:
     stride: tuple[int, int] | None = None
     tta: bool = False
     batch_size: int | None = None
+    decision: str | None = None  # an integrated head's prediction rule; None: the saved one
 
     def overrides(self) -> dict[str, Any]:
         return {
@@ -63,6 +64,7 @@ class EvalOptions:
             "stride": self.stride,
             "tta": self.tta,
             "batch_size": self.batch_size,
+            "decision": self.decision,
         }
 
 
@@ -208,6 +210,9 @@ def evaluate(
     settings = {
         key: value for key, value in vars(segmenter.settings).items() if key not in ("mean", "std")
     }
+    decision = getattr(segmenter.model.decode_head.classifier, "decision", None)
+    if decision is not None:  # the integrated head's rule: what the scores are of
+        settings["decision"] = decision
     if use_ray:
         init_ray(None, env=_worker_env())
         matrix, skipped = evaluate_ray(
@@ -252,9 +257,11 @@ def _check_classes(names: list[str], manifest: Manifest, model: str, data: str) 
 def format_report(result: EvalResult, split: str) -> str:
     scores = result.scores
     path = "Ray Data" if result.distributed else "single process"
+    decision = result.settings.get("decision")
     lines = [
         f"{split}: {result.num_samples} images ({path}), mode {result.settings.get('mode')}"
-        f"{', TTA' if result.settings.get('flip') else ''}",
+        f"{', TTA' if result.settings.get('flip') else ''}"
+        f"{f', decision {decision}' if decision else ''}",
         f"  mIoU {100 * scores['mIoU']:.2f}   aAcc {100 * scores['aAcc']:.2f}   "
         f"mAcc {100 * scores['mAcc']:.2f}",
     ]
@@ -304,6 +311,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--crop", nargs=2, type=positive_int, metavar=("H", "W"), help="slide window")
     parser.add_argument("--stride", nargs=2, type=positive_int, metavar=("H", "W"), help="slide stride")
     parser.add_argument("--tta", action="store_true", help="multi-scale (0.5-1.75) + flip")
+    parser.add_argument(
+        "--decision", type=decision_rule, default=None, metavar="RULE",
+        help="integrated head: predict with product, general or refine instead of the rule "
+        "the model was saved with (the weights are the same; BENCHMARKS.md compares them)",
+    )
     parser.add_argument("--batch-size", type=positive_int, default=None, help="images per forward pass")
     parser.add_argument(
         "--distributed",
@@ -338,6 +350,7 @@ def _main(args: argparse.Namespace) -> int:
         stride=tuple(args.stride) if args.stride else None,
         tta=args.tta,
         batch_size=args.batch_size,
+        decision=args.decision,
     )
     result = evaluate(
         args.model,

@@ -120,13 +120,14 @@ class Segmenter:
     @classmethod
     def from_checkpoint(
         cls, payload: dict[str, Any], *, device: str | None = None, source: str = "checkpoint",
-        **overrides: Any,
+        decision: str | None = None, **overrides: Any,
     ) -> Segmenter:
         """`overrides`: the keywords of `settings_from_checkpoint` (mode, crop_size, ...);
-        `source`: what errors name (the file or URI)."""
+        `source`: what errors name (the file or URI); `decision`: an integrated head's
+        prediction rule in place of the saved one."""
         meta = payload_meta(payload)
         return cls(
-            model_from_checkpoint(payload, source),
+            model_from_checkpoint(payload, source, decision),
             settings_from_checkpoint(payload, **overrides),
             class_names=meta.class_names,
             palette=meta.palette,

@@ -135,7 +135,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
 def build_model(cfg: ExperimentConfig, num_classes: int) -> segnext.SegNeXt:
     """A fresh SegNeXt as `cfg.model` describes it (the driver's dry build uses it too)."""
-    overrides = model_overrides(cfg.model.classifier_kwargs, cfg.model.nmf)
+    overrides = model_overrides(cfg.model.classifier_options(), cfg.model.nmf)
     if cfg.model.drop_path_rate is not None:
         overrides["drop_path_rate"] = cfg.model.drop_path_rate
     model = segnext.create_model(

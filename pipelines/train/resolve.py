@@ -157,7 +157,7 @@ def _derive(
         variant=model.variant,
         num_classes=len(manifest.classes),
         classifier=cfg.model.classifier,
-        classifier_kwargs=cfg.model.classifier_kwargs,
+        classifier_kwargs=cfg.model.classifier_options(),
         nmf=cfg.model.nmf,
         class_names=list(manifest.classes),
         palette=[list(color) for color in manifest.palette],

@@ -48,7 +48,7 @@ def test_camvid_accuracy_smoke(tmp_path):
     assert 0.0 <= diag["general_aAcc"] <= 1.0 and 0.0 <= diag["refine_aAcc"] <= 1.0
     decisions = results["integrated-s0"]["decisions"]
     assert set(decisions) == {"product", "general", "refine"}
-    # the product is what the head predicts by default: the same matrix as the eval
+    # the study's integrated runs predict with the product (pinned): the same matrix as the eval
     assert decisions["product"]["matrix"] == results["integrated-s0"]["matrix"]
     assert "decisions" not in results["standard-s0"]
     report = (out / "report-s0.md").read_text()
@@ -80,6 +80,7 @@ def test_camvid_accuracy_smoke(tmp_path):
     text = (out / "results" / "report.md").read_text()
     for needle in ("| mIoU |", "IoU Pedestrian/Bicyclist", "confusion Pole/SignSymbol/Fence",
                    "integrated - standard-cb", "integrated - integrated-novar",
+                   "integrated-general - standard-cb",
                    "one seed: no verdict", "| general | integrated |", "| refine | integrated |"):
         assert needle in text, needle
     assert (out / "results" / "report.png").stat().st_size > 0

@@ -74,6 +74,8 @@ def test_overrides_are_typed(config_file: Path) -> None:
         ("loss.weights.typo=1", "keys must be general, refine, variance"),
         ("loss.warmup_iters=-1", "loss.warmup_iters must be >= 0"),
         ("loss.class_balance=2", "loss.class_balance must be in [0, 1]"),
+        ("model.classifier_kwargs.decision=best",
+         "decision = 'best' must be one of product, general, refine"),
         ("loss.class_frequencies=[0.5, 1.5]", "must list each class's pixel share in [0, 1]"),
         ("loss.resolution=half", "choose one of 'mask', 'logits'"),
         ("optim.lr", "not of the form section.key=value"),
@@ -84,6 +86,12 @@ def test_bad_values_raise_config_error(config_file: Path, override: str, needle:
     with pytest.raises(ConfigError) as info:
         load_config(config_file, [override])
     assert needle in str(info.value)
+
+
+def test_a_decision_rule_for_the_standard_head_is_refused(config_file: Path) -> None:
+    with pytest.raises(ConfigError, match="with model.classifier=integrated"):
+        load_config(config_file, ["model.classifier=standard",
+                                  "model.classifier_kwargs.decision=general"])
 
 
 def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from test_registry import single_thread, sqlite_store, tiny_checkpoint  # noqa: 
 
 from data.shard_writer import write_shards
 from data.sources.synthetic import Synthetic
-from pipelines.commands.evaluate import EvalOptions, evaluate
+from pipelines.commands.evaluate import EvalOptions, evaluate, format_report
 from segnext.metrics import ConfusionMatrix
 
 SOURCE = Synthetic(num_train=0, num_val=6, size=(64, 96), num_classes=6)
@@ -100,6 +100,45 @@ def test_random_model_matches_a_direct_forward_pass(shards, tmp_path):
             expected.update(model(x).argmax(dim=1)[0], torch.tensor(mask))
     np.testing.assert_array_equal(result.matrix, expected.matrix.numpy())
     assert result.scores["mIoU"] == pytest.approx(expected.compute()["mIoU"])
+
+
+@pytest.mark.parametrize("rule", ["product", "general"])
+def test_decision_scores_the_integrated_head_under_another_rule(shards, tmp_path, rule):
+    """`--decision`: the saved weights predict with the rule asked for, and the report says
+    which; the checkpoint keeps the rule it was saved with (refine)."""
+    checkpoint = _checkpoint(tmp_path, seed=5, classifier="integrated",
+                             classifier_kwargs={"decision": "refine"})
+    result = evaluate(str(checkpoint), str(shards), distributed="off",
+                      options=EvalOptions(mode="whole", batch_size=1, decision=rule))
+    from pipelines.checkpoint_io import load_checkpoint, model_from_checkpoint
+
+    payload = load_checkpoint(checkpoint)
+    assert payload["meta"].classifier_kwargs.to_dict() == {"decision": "refine"}
+    model = model_from_checkpoint(payload)
+    model.decode_head.classifier.decision = rule
+    mean = torch.tensor(payload["meta"].mean).view(1, 3, 1, 1)
+    std = torch.tensor(payload["meta"].std).view(1, 3, 1, 1)
+    expected = ConfusionMatrix(len(SOURCE.classes))
+    with torch.inference_mode():
+        for image, mask in _samples(shards):
+            x = (torch.tensor(image).permute(2, 0, 1)[None].float() - mean) / std
+            expected.update(model(x).argmax(dim=1)[0], torch.tensor(mask))
+    np.testing.assert_array_equal(result.matrix, expected.matrix.numpy())
+    assert result.settings["decision"] == rule
+    assert f"decision {rule}" in format_report(result, "val")
+
+
+def test_decision_refusals_name_the_rule_or_the_model(shards, tmp_path, capsys):
+    from pipelines.cli import main
+
+    argv = ["eval", "--model", str(_checkpoint(tmp_path)), "--data", str(shards),
+            "--distributed", "off", "--log-to", "none"]
+    with pytest.raises(SystemExit) as stopped:
+        main([*argv, "--decision", "best"])
+    assert stopped.value.code == 2
+    assert "'best' is not one of product, general, refine" in capsys.readouterr().err
+    assert main([*argv, "--decision", "general"]) == 2
+    assert "this model's head is standard" in capsys.readouterr().err
 
 
 def test_eval_rejects_a_model_of_another_dataset(shards, tmp_path):

@@ -187,6 +187,28 @@ def test_integrated_classifier_dynamic_and_fixed_size(tmp_path):
         OnnxSegmenter(fixed, mode="whole")
 
 
+def test_the_default_decision_rule_travels_into_the_onnx_file(tmp_path):
+    """A training run writes decision "general" into an integrated head's meta (issue 27): the
+    exported graph predicts with that rule, as the PyTorch model does."""
+    from pipelines.inference.onnx_runtime import OnnxSegmenter
+    from pipelines.tracking.models import load_segmenter
+
+    checkpoint = _checkpoint(tmp_path / "ckpt", "integrated",
+                             classifier_kwargs={"decision": "general"})
+    out = tmp_path / "general.onnx"
+    image = _real_image(tmp_path)
+    assert main(["export", "--model", str(checkpoint), "--image", str(image), "--out", str(out),
+                 "--dynamic"]) == 0
+    runtime = OnnxSegmenter(out)
+    assert runtime.meta.classifier_kwargs.to_dict() == {"decision": "general"}
+    rng = np.random.default_rng(5)
+    images = [rng.integers(0, 256, (48, 80, 3), dtype=np.uint8)]
+    segmenter = load_segmenter(checkpoint, device="cpu")
+    assert segmenter.model.decode_head.classifier.decision == "general"
+    mask, expected = runtime.predict(images)[0], segmenter.predict(images)[0]
+    assert (mask == expected).mean() >= AGREEMENT
+
+
 def test_disagreement_is_refused_and_leaves_no_file(tmp_path, monkeypatch, capsys):
     from pipelines.inference.onnx_runtime import OnnxSegmenter
 

@@ -31,10 +31,12 @@ def tiny_checkpoint(
     iteration: int = 1,
     config: dict | None = None,
     seed: int = 0,
+    classifier: str = "standard",
+    classifier_kwargs: dict | None = None,
 ) -> Path:
-    """A SegNeXt-T checkpoint in the contract format. `constant_class` zeroes the classifier
-    weights and biases it so the model predicts that class at every pixel."""
-    state = dict(_initial_state(len(class_names), seed))
+    """A SegNeXt-T checkpoint in the contract format. `constant_class` zeroes the (standard)
+    classifier's weights and biases it so the model predicts that class at every pixel."""
+    state = dict(_initial_state(len(class_names), seed, classifier))
     if constant_class is not None:
         prefix = "decode_head.classifier.conv_seg"
         state[f"{prefix}.weight"] = torch.zeros_like(state[f"{prefix}.weight"])
@@ -43,8 +45,8 @@ def tiny_checkpoint(
     meta = build_meta(
         variant="tiny",
         num_classes=len(class_names),
-        classifier="standard",
-        classifier_kwargs={},
+        classifier=classifier,
+        classifier_kwargs=dict(classifier_kwargs or {}),
         nmf={},
         class_names=list(class_names),
         palette=[list(color) for color in palette],
@@ -66,9 +68,9 @@ def tiny_checkpoint(
 
 
 @functools.cache
-def _initial_state(num_classes: int, seed: int) -> dict[str, torch.Tensor]:
+def _initial_state(num_classes: int, seed: int, classifier: str) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
-    return segnext.create_model("tiny", num_classes).state_dict()
+    return segnext.create_model("tiny", num_classes, classifier=classifier).state_dict()
 
 
 def sqlite_store(folder: Path) -> tuple[str, str]:

@@ -143,8 +143,25 @@ def test_class_balance_reads_the_training_split_pixel_shares(
     prepared = resolve(load_config(workdir / "exp.yaml"))
     shares = prepared.cfg.loss.class_frequencies
     assert shares == pytest.approx([n / sum(counts) for n in counts])
-    assert prepared.cfg.loss.class_balance_for("integrated") == 0.5  # the head's default
-    assert prepared.cfg.loss.class_balance_for("standard") == 0.0  # official CE
+    assert prepared.cfg.loss.class_balance_for("integrated") == 0.5  # the heads' default
+    assert prepared.cfg.loss.class_balance_for("standard") == 0.5  # issue 27: +2.8 mIoU
+
+
+def test_the_integrated_head_predicts_with_its_general_classifier_by_default(
+    workdir: Path, tiny_shards: Path
+) -> None:
+    """The CamVid study's rule (issue 27) is the config's default, written into the meta that
+    eval, export and serving rebuild the model from; a rule the config gives wins."""
+    from pipelines.train.loop import build_model
+
+    chosen = resolve(load_config(workdir / "exp.yaml", ["model.classifier=integrated"]))
+    assert chosen.meta.classifier_kwargs.to_dict()["decision"] == "general"
+    assert build_model(chosen.cfg, 3).decode_head.classifier.decision == "general"
+    given = resolve(load_config(workdir / "exp.yaml", [
+        "model.classifier=integrated", "model.classifier_kwargs.decision=product"]))
+    assert given.meta.classifier_kwargs.to_dict()["decision"] == "product"
+    standard = resolve(load_config(workdir / "exp.yaml", ["model.classifier=standard"]))
+    assert "decision" not in standard.meta.classifier_kwargs.to_dict()
 
 
 def test_class_balance_without_pixel_counts_fails_before_workers(
