@@ -8,7 +8,7 @@ workers log per-step metrics and pictures through `pipelines.tracking.runs.RunLo
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +89,9 @@ def open_training_run(
     }
     run_id = tracking.start_run(client, experiment_id, ray_run_name=run_name, tags=all_tags,
                                 parent_run_id=parent_run_id)
-    tracking.log_params(client, run_id, to_flat_dict(cfg))
+    # the options the model is built with: a head's default decision rule shows as a param
+    built = replace(cfg, model=replace(cfg.model, classifier_kwargs=cfg.model.classifier_options()))
+    tracking.log_params(client, run_id, to_flat_dict(built))
     client.log_text(run_id, to_yaml(cfg), "config.yaml")
     client.log_dict(run_id, dict(meta), "dataset_meta.json")
     _log_datasets(client, run_id, cfg, manifest)

@@ -172,3 +172,17 @@ def test_the_registered_version_names_its_datasets(
             version.description)
     assert MlflowClient(uri).get_model_version("segnext", version.version).description == (
         version.description)
+
+
+def test_a_training_run_logs_the_decision_rule_its_model_predicts_with(
+    tmp_path, tiny_shards, experiment_yaml, store
+):
+    """The integrated head's default rule is not in the config; the params show it anyway."""
+    from mlflow import MlflowClient
+
+    from pipelines.tracking.training import open_training_run
+
+    cfg = _config(experiment_yaml, tmp_path, tiny_shards, store, "model.classifier=integrated")
+    run_id = open_training_run(cfg, num_params=1, train_samples=32, meta={}).run_id
+    params = MlflowClient(store).get_run(run_id).data.params
+    assert params["model.classifier_kwargs.decision"] == "general"
