@@ -317,7 +317,8 @@ def _validate(cfg: ExperimentConfig, source: str) -> None:
         require(cfg.model.classifier == "integrated" and decision in DECISIONS,
                 "model.classifier_kwargs.decision",
                 f"= {decision!r} must be one of {', '.join(DECISIONS)}, with model.classifier="
-                "integrated (unset: general, the rule the CamVid study chose)")
+                f"integrated (unset: {DEFAULT_DECISION['integrated']}, the rule the CamVid "
+                "study chose)")
     require(
         cfg.model.drop_path_rate is None or 0 <= cfg.model.drop_path_rate < 1,
         "model.drop_path_rate",

@@ -61,8 +61,8 @@ def _mlflow_model(reference: str, model_dir: Path) -> ModelSource:
 
 def load_segmenter(model: str | Path, *, device: str | None = None, **overrides: Any) -> Segmenter:
     """A Segmenter for any reference `resolve_model` takes. The checkpoint is read with
-    weights_only=True (no pickle), and `overrides` (the keywords of `settings_from_checkpoint`)
-    replace the settings the training run recorded."""
+    weights_only=True (no pickle), and `overrides` (the keywords of `settings_from_checkpoint`,
+    and an integrated head's `decision`) replace what the training run recorded."""
     payload = load_source(resolve_model(model))
     return Segmenter.from_checkpoint(payload, device=device, source=str(model), **overrides)
 

@@ -36,7 +36,6 @@ RNG_SCHEME = {
 }
 
 
-
 @dataclass
 class Restored:
     iteration: int
